@@ -1,0 +1,1 @@
+"""Model folders. Each is self-contained (torch, transformers and its own siblings only)."""

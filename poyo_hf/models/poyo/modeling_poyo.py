@@ -1,0 +1,648 @@
+"""POYO: a PerceiverIO over spike tokens with rotary time embeddings.
+
+Azabou et al., "A Unified, Scalable Framework for Neural Population Decoding", NeurIPS 2023.
+
+Data flow (one context window, times in seconds relative to the window start)::
+
+    spike tokens (unit_emb + token_type_emb, time t_i)      latents (latent_emb, time grid)
+                  \\                                         /
+                   rotary cross-attention (Q,K,V rotated; output counter-rotated)
+                                        |
+                 depth x [rotary self-attention (Q,K,V rotated) + GEGLU FFN]
+                                        |
+    output queries (session_emb, any times) -> rotary cross-attention (Q,K rotated, V not)
+                                        |
+                                   GEGLU FFN -> readout
+
+Time enters only through rotary angles; no absolute time embedding is ever added, which makes
+the model invariant to a shift of all timestamps (tested).
+
+Shape legend used in the comments:
+    B      windows in the batch
+    N_in   input tokens (spikes + 2 per unit, padded to a multiple of 8)
+    N_lat  latents (latent steps * latents per step)
+    N_out  output queries (padded)
+    D      hidden size
+    H      attention heads
+    Dh     head dim (64)
+    Do     readout output dim
+
+Rotary convention (pinned by tests): for a token at time t, the first ``Dh/2`` dims of each
+head rotate as interleaved pairs (x[2k], x[2k+1]) by angle ``omega_k * t`` with
+``omega_k = 2 pi / period_k`` and periods log-spaced from t_min to t_max (both included);
+the other half is left as is. A pair rotates as ``(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_poyo import PoyoConfig
+
+# ----------------------------------------------------------------------------------------
+# Primitives (plain scalars in, testable against closed-form math)
+# ----------------------------------------------------------------------------------------
+
+
+def rotary_frequencies(
+    head_dim: int, t_min: float, t_max: float, device: torch.device | None = None
+) -> torch.Tensor:
+    """Angular frequencies (rad/s) of the rotating pairs: (head_dim // 4,) float32.
+
+    Periods are log-spaced from ``t_min`` to ``t_max`` with both ends included. Computed in
+    float32 exactly as the reference does (exp of a lerp of logs), so converted checkpoints
+    see the same angles.
+    """
+    num = head_dim // 4  # rotate_dim = head_dim // 2 dims -> head_dim // 4 pairs
+    exponents = torch.linspace(0.0, 1.0, num, dtype=torch.float32, device=device)
+    log_min = torch.tensor(t_min, dtype=torch.float32, device=device).log()
+    log_max = torch.tensor(t_max, dtype=torch.float32, device=device).log()
+    periods = torch.exp(torch.lerp(log_min, log_max, exponents))  # (Dh/4,)
+    return 2 * math.pi / periods
+
+
+class PoyoRotaryTimeEmbedding(nn.Module):
+    """Turns timestamps into (cos, sin) tables for :func:`apply_rotary`.
+
+    Always computed in float32 with autocast off: sub-millisecond spike timing does not survive
+    bf16 angles (the fastest frequency is ~6e4 rad/s). The frequencies are recomputed from the
+    scalars instead of being stored as a buffer, so ``from_pretrained`` (meta-device init)
+    can never leave them uninitialised; the cost is a handful of scalar ops per forward.
+    """
+
+    def __init__(self, head_dim: int, t_min: float, t_max: float):
+        super().__init__()
+        if head_dim % 4 != 0:
+            raise ValueError(f"head_dim must be a multiple of 4, got {head_dim}.")
+        self.head_dim = head_dim
+        self.t_min = t_min
+        self.t_max = t_max
+
+    def forward(self, timestamps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestamps (...) -> cos, sin, each (..., head_dim // 2) with pairs repeated."""
+        with torch.autocast(device_type=timestamps.device.type, enabled=False):
+            omega = rotary_frequencies(self.head_dim, self.t_min, self.t_max, timestamps.device)
+            angles = timestamps.float()[..., None] * omega  # (..., Dh/4)
+            angles = angles.repeat_interleave(2, dim=-1)  # (..., Dh/2): one angle per pair member
+            return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x`` as interleaved pairs; keep the rest.
+
+    x: (B, H, N, Dh); cos, sin: (B, N, R) with R = Dh // 2 (broadcast over heads).
+    """
+    rot = cos.shape[-1]
+    cos = cos.unsqueeze(1).to(x.dtype)  # (B, 1, N, R)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.unflatten(-1, (-1, 2))  # (B, H, N, R/2, 2)
+    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (B, H, N, R)
+    return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)  # (B, H, N, Dh)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: explicit softmax(QK^T * scale) V.
+
+    query (B, H, Nq, Dh), key/value (B, H, Nk, Dh), attention_mask bool (B, 1, 1|Nq, Nk) with
+    True = attend. Returns (B, Nq, H, Dh) like the transformers attention interface.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Nq, Nk)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)  # (B, H, Nq, Dh)
+    return out.transpose(1, 2), weights  # (B, Nq, H, Dh)
+
+
+class PoyoRotaryAttention(nn.Module):
+    """Pre-norm multi-head (cross- or self-) attention with rotary time embeddings.
+
+    Separate LayerNorms for the query and context streams (cross-attention), bias-free
+    projections to ``heads * head_dim``, output projection with bias (spec sec. 4).
+
+    ``rotate_value=True`` also rotates V by the key time and rotates the attention output
+    back by the query time, so the aggregated values carry relative time t_k - t_q.
+    """
+
+    is_causal = False  # bidirectional: SDPA must not assume a causal mask
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        dropout: float = 0.0,
+        rotate_value: bool = False,
+        self_attention: bool = False,
+    ):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.rotate_value = rotate_value
+        self.self_attention = self_attention
+        self.scaling = head_dim**-0.5
+        inner = heads * head_dim
+        self.norm = nn.LayerNorm(dim)
+        if self_attention:
+            self.qkv_proj = nn.Linear(dim, 3 * inner, bias=False)
+        else:
+            self.context_norm = nn.LayerNorm(dim)
+            self.q_proj = nn.Linear(dim, inner, bias=False)
+            self.kv_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.o_proj = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        query_rotary: tuple[torch.Tensor, torch.Tensor],
+        context: torch.Tensor | None = None,
+        context_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context_mask: torch.Tensor | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> torch.Tensor:
+        """hidden_states (B, Nq, D); context (B, Nk, D) or None for self-attention;
+        context_mask bool (B, Nk), True = real token. Returns (B, Nq, D)."""
+        x = self.norm(hidden_states)
+        if self.self_attention:
+            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, N, H*Dh)
+            context_rotary = query_rotary
+        else:
+            c = self.context_norm(context)
+            q = self.q_proj(x)  # (B, Nq, H*Dh)
+            k, v = self.kv_proj(c).chunk(2, dim=-1)  # 2 x (B, Nk, H*Dh)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, N, Dh)
+        q = apply_rotary(q, *query_rotary)
+        k = apply_rotary(k, *context_rotary)
+        if self.rotate_value:
+            v = apply_rotary(v, *context_rotary)
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, Nk)
+        attention_interface = eager_attention_forward
+        if attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
+        out, _ = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            mask,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+        )  # (B, Nq, H, Dh)
+        if self.rotate_value:
+            cos, sin = query_rotary
+            out = apply_rotary(out.transpose(1, 2), cos, -sin).transpose(1, 2)  # rotate back by -t_q
+        return self.o_proj(out.flatten(-2))  # (B, Nq, H*Dh) -> (B, Nq, D)
+
+
+class PoyoFeedForward(nn.Module):
+    """LayerNorm -> Linear(D, 2 * mult * D) -> GEGLU -> dropout -> Linear(mult * D, D)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * mult * dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.fc1(self.norm(x)).chunk(2, dim=-1)  # (B, N, mult*D) x 2
+        return self.fc2(self.dropout(h * F.gelu(gate)))  # GEGLU (Shazeer 2020)
+
+
+# ----------------------------------------------------------------------------------------
+# Blocks (take the config)
+# ----------------------------------------------------------------------------------------
+
+
+class PoyoEncoderLayer(nn.Module):
+    """Latents read the spike tokens: lat += CrossAttn(LN(lat), LN(inputs)); lat += FFN(LN(lat))."""
+
+    def __init__(self, config: PoyoConfig):
+        super().__init__()
+        self.cross_attn = PoyoRotaryAttention(
+            config.hidden_size,
+            config.num_cross_attention_heads,
+            config.head_dim,
+            dropout=config.attention_dropout,
+            rotate_value=True,
+        )
+        self.ffn = PoyoFeedForward(config.hidden_size, config.ffn_mult, config.ffn_dropout)
+
+    def forward(self, latents, latent_rotary, inputs, input_rotary, input_mask, attn_implementation):
+        latents = latents + self.cross_attn(
+            latents, latent_rotary, inputs, input_rotary, input_mask, attn_implementation
+        )
+        return latents + self.ffn(latents)
+
+
+class PoyoProcessorLayer(nn.Module):
+    """lat += Drop(SelfAttn(LN(lat))); lat += Drop(FFN(LN(lat)))."""
+
+    def __init__(self, config: PoyoConfig):
+        super().__init__()
+        self.self_attn = PoyoRotaryAttention(
+            config.hidden_size,
+            config.num_self_attention_heads,
+            config.head_dim,
+            dropout=config.attention_dropout,
+            rotate_value=True,
+            self_attention=True,
+        )
+        self.ffn = PoyoFeedForward(config.hidden_size, config.ffn_mult, config.ffn_dropout)
+        self.dropout = nn.Dropout(config.lin_dropout)
+
+    def forward(self, latents, latent_rotary, attn_implementation):
+        latents = latents + self.dropout(
+            self.self_attn(latents, latent_rotary, attn_implementation=attn_implementation)
+        )
+        return latents + self.dropout(self.ffn(latents))
+
+
+class PoyoDecoderLayer(nn.Module):
+    """Queries read the latents (no value rotation): q += CrossAttn(LN(q), LN(lat)); q += FFN(LN(q))."""
+
+    def __init__(self, config: PoyoConfig):
+        super().__init__()
+        self.cross_attn = PoyoRotaryAttention(
+            config.hidden_size,
+            config.num_cross_attention_heads,
+            config.head_dim,
+            dropout=config.attention_dropout,
+            rotate_value=False,
+        )
+        self.ffn = PoyoFeedForward(config.hidden_size, config.ffn_mult, config.ffn_dropout)
+
+    def forward(self, queries, query_rotary, latents, latent_rotary, attn_implementation):
+        queries = queries + self.cross_attn(
+            queries, query_rotary, latents, latent_rotary, None, attn_implementation
+        )
+        return queries + self.ffn(queries)
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoyoModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, N_out, D) decoded output-query states.
+    latent_hidden_state: (B, N_lat, D) latents after the processor.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    latent_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class PoyoDecodingOutput(ModelOutput):
+    """
+    loss: scalar weighted MSE on z-scored targets (when ``labels`` are given).
+    predictions: (B, N_out, Do) decoded behaviour in physical units (the config's
+        normalisation undone); padded queries and unused dims hold values to ignore.
+    normalized_predictions: (B, N_out, Do) the same in z-scored units (what the loss sees).
+    last_hidden_state: (B, N_out, D); latent_hidden_state: (B, N_lat, D).
+    """
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    normalized_predictions: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    latent_hidden_state: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------
+
+
+class PoyoPreTrainedModel(PreTrainedModel):
+    config: PoyoConfig
+    config_class = PoyoConfig
+    base_model_prefix = "poyo"
+    main_input_name = "input_unit_index"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["PoyoEncoderLayer", "PoyoProcessorLayer", "PoyoDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            # PyTorch's default Linear init (as the reference keeps): U(+-1/sqrt(fan_in)).
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1])
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # All embeddings N(0, 0.02) (spec sec. 2).
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+class PoyoModel(PoyoPreTrainedModel):
+    """The POYO trunk: tokens -> latents -> processed latents -> decoded output queries.
+
+    Inputs (as made by :class:`~poyo_hf.PoyoProcessor`):
+        input_unit_index: (B, N_in) long, rows of the unit table (0 = padding).
+        input_timestamps: (B, N_in) float, seconds from the window start.
+        input_token_type: (B, N_in) long, 0 spike / 1 unit start / 2 unit end.
+        input_mask: (B, N_in) bool, True for real tokens.
+        session_index: (B,) long, rows of the session table.
+        output_timestamps: (B, N_out) float, seconds from the window start.
+        latent_timestamps: optional (B, N_lat) or (N_lat,) float; defaults to the config's
+            grid ``k * latent_step + latent_step / 2`` with latents repeated per step.
+    """
+
+    def __init__(self, config: PoyoConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.unit_emb = nn.Embedding(config.unit_vocab_size, d)
+        self.session_emb = nn.Embedding(config.session_vocab_size, d)
+        self.token_type_emb = nn.Embedding(config.num_token_types, d)
+        self.latent_emb = nn.Embedding(config.num_latents_per_step, d)
+        self.rotary_emb = PoyoRotaryTimeEmbedding(config.head_dim, config.rotary_t_min, config.rotary_t_max)
+        self.encoder = PoyoEncoderLayer(config)
+        self.layers = nn.ModuleList(PoyoProcessorLayer(config) for _ in range(config.num_hidden_layers))
+        self.decoder = PoyoDecoderLayer(config)
+        self.post_init()
+
+    def latent_grid(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent_index, latent_timestamps), each (N_lat,): K latents repeated at every step."""
+        c = self.config
+        steps = torch.arange(c.num_latent_steps, device=device, dtype=torch.float32)
+        times = steps * c.latent_step + c.latent_step / 2  # (T_lat,)
+        index = torch.arange(c.num_latents_per_step, device=device)
+        return index.repeat(c.num_latent_steps), times.repeat_interleave(c.num_latents_per_step)
+
+    def _check_indices(self, name: str, index: torch.Tensor, table: nn.Embedding, how: str) -> None:
+        if index.numel() and (int(index.max()) >= table.num_embeddings or int(index.min()) < 0):
+            raise ValueError(
+                f"{name} holds values in [{int(index.min())}, {int(index.max())}] but the table has "
+                f"{table.num_embeddings} rows; {how}"
+            )
+
+    def forward(
+        self,
+        input_unit_index: torch.Tensor,
+        input_timestamps: torch.Tensor,
+        input_token_type: torch.Tensor,
+        session_index: torch.Tensor,
+        output_timestamps: torch.Tensor,
+        input_mask: torch.Tensor | None = None,
+        latent_timestamps: torch.Tensor | None = None,
+        latent_index: torch.Tensor | None = None,
+        output_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> PoyoModelOutput:
+        if input_unit_index.dim() != 2 or input_timestamps.shape != input_unit_index.shape:
+            raise ValueError(
+                "input_unit_index and input_timestamps must both be (B, N_in), got "
+                f"{tuple(input_unit_index.shape)} and {tuple(input_timestamps.shape)}."
+            )
+        if not torch.is_floating_point(input_timestamps) or not torch.is_floating_point(output_timestamps):
+            raise TypeError(
+                "input_timestamps and output_timestamps must be floating point seconds, got "
+                f"{input_timestamps.dtype} and {output_timestamps.dtype}."
+            )
+        fix = "extend the vocabulary with processor.add_session(...) then model.resize_embeddings(processor)."
+        if not torch.compiler.is_compiling():
+            self._check_indices("input_unit_index", input_unit_index, self.unit_emb, fix)
+            self._check_indices("session_index", session_index, self.session_emb, fix)
+        B = input_unit_index.shape[0]
+        impl = self.config._attn_implementation or "sdpa"
+
+        inputs = self.unit_emb(input_unit_index) + self.token_type_emb(input_token_type)  # (B, N_in, D)
+        input_rotary = self.rotary_emb(input_timestamps)  # 2 x (B, N_in, Dh/2)
+
+        if latent_timestamps is None or latent_index is None:
+            grid_index, grid_times = self.latent_grid(input_unit_index.device)
+            latent_index = grid_index if latent_index is None else latent_index
+            latent_timestamps = grid_times if latent_timestamps is None else latent_timestamps
+        if latent_index.dim() == 1:
+            latent_index = latent_index.expand(B, -1)  # (N_lat,) -> (B, N_lat)
+        if latent_timestamps.dim() == 1:
+            latent_timestamps = latent_timestamps.expand(B, -1)
+        latents = self.latent_emb(latent_index)  # (B, N_lat, D)
+        latent_rotary = self.rotary_emb(latent_timestamps)  # 2 x (B, N_lat, Dh/2)
+
+        queries = self.session_emb(session_index)[:, None, :]  # (B, 1, D)
+        queries = queries.expand(-1, output_timestamps.shape[1], -1)  # (B, N_out, D)
+        output_rotary = self.rotary_emb(output_timestamps)
+
+        if input_mask is not None:
+            input_mask = input_mask.bool()
+        latents = self.encoder(latents, latent_rotary, inputs, input_rotary, input_mask, impl)
+        for layer in self.layers:
+            latents = layer(latents, latent_rotary, impl)
+        hidden = self.decoder(queries, output_rotary, latents, latent_rotary, impl)  # (B, N_out, D)
+        return PoyoModelOutput(last_hidden_state=hidden, latent_hidden_state=latents)
+
+    # -- vocabulary growth ------------------------------------------------------------------
+    def _grow(self, table: nn.Embedding, new_rows: int) -> nn.Embedding:
+        if new_rows < table.num_embeddings:
+            raise ValueError(
+                f"Cannot shrink an embedding table from {table.num_embeddings} to {new_rows} rows."
+            )
+        if new_rows == table.num_embeddings:
+            return table
+        grown = nn.Embedding(new_rows, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
+        with torch.no_grad():
+            grown.weight[: table.num_embeddings] = table.weight  # old rows bit-identical
+            grown.weight[table.num_embeddings :].normal_(0.0, self.config.initializer_range)
+        grown.weight.requires_grad_(table.weight.requires_grad)
+        return grown
+
+    def resize_embeddings(self, unit_vocab_size: int, session_vocab_size: int) -> None:
+        """Grow the unit / session tables to the given row counts; existing rows are kept
+        bit-identical and new rows drawn from N(0, initializer_range)."""
+        self.unit_emb = self._grow(self.unit_emb, unit_vocab_size)
+        self.session_emb = self._grow(self.session_emb, session_vocab_size)
+        self.config.unit_vocab_size = unit_vocab_size
+        self.config.session_vocab_size = session_vocab_size
+
+
+class PoyoForDecoding(PoyoPreTrainedModel):
+    """POYO with its readout(s) and the weighted-MSE loss: the decoder users load.
+
+    Additional inputs:
+        readout_index: optional (B,) long, which readout of ``config.readout_dims`` each window
+            uses (default: the first for all).
+        labels: optional (B, N_out, Do) targets in physical units (NaN = missing).
+        output_weights: optional (B, N_out) per-timestep loss weights (default 1).
+        output_mask: optional (B, N_out) bool, True for real output queries.
+
+    The loss is sum_i w_i * mean_d((pred_id - y_id)^2) / sum_i w_i over unmasked queries with
+    finite labels, computed on z-scored targets (config.target_mean / target_std), so Trainer
+    needs no custom loss. Predictions are returned in physical units.
+    """
+
+    # Our forward takes **kwargs but returns a plain mean loss: Trainer must divide by
+    # gradient-accumulation steps itself (hf-notes).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: PoyoConfig):
+        super().__init__(config)
+        self.poyo = PoyoModel(config)
+        self.readouts = nn.ModuleDict(
+            {name: nn.Linear(config.hidden_size, d) for name, d in config.readout_dims.items()}
+        )
+        self.post_init()
+
+    def _target_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, Do) mean and std per readout, padded with 0 / 1 to the widest readout."""
+        c = self.config
+        mean = torch.zeros(len(c.readout_dims), c.max_output_dim, dtype=dtype)
+        std = torch.ones(len(c.readout_dims), c.max_output_dim, dtype=dtype)
+        for r, name in enumerate(c.readout_dims):
+            d = c.readout_dims[name]
+            mean[r, :d] = torch.tensor(c.target_mean[name], dtype=dtype)
+            std[r, :d] = torch.tensor(c.target_std[name], dtype=dtype)
+        return mean.to(device), std.to(device)
+
+    def _readout(self, hidden: torch.Tensor, readout_index: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, N_out, D) -> normalised predictions (B, N_out, Do_max)."""
+        heads = list(self.readouts.values())
+        width = self.config.max_output_dim
+        if readout_index is None or len(heads) == 1:
+            out = heads[0](hidden)  # (B, N_out, d_0)
+            return F.pad(out, (0, width - out.shape[-1]))
+        out = hidden.new_zeros(*hidden.shape[:-1], width)
+        for r, head in enumerate(heads):
+            rows = readout_index == r  # (B,)
+            if bool(rows.any()):
+                pred = head(hidden[rows])  # (b_r, N_out, d_r)
+                out[rows] = F.pad(pred, (0, width - pred.shape[-1]))
+        return out
+
+    def forward(
+        self,
+        input_unit_index: torch.Tensor,
+        input_timestamps: torch.Tensor,
+        input_token_type: torch.Tensor,
+        session_index: torch.Tensor,
+        output_timestamps: torch.Tensor,
+        input_mask: torch.Tensor | None = None,
+        latent_timestamps: torch.Tensor | None = None,
+        latent_index: torch.Tensor | None = None,
+        output_mask: torch.Tensor | None = None,
+        readout_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_weights: torch.Tensor | None = None,
+        **kwargs,
+    ) -> PoyoDecodingOutput:
+        trunk = self.poyo(
+            input_unit_index=input_unit_index,
+            input_timestamps=input_timestamps,
+            input_token_type=input_token_type,
+            session_index=session_index,
+            output_timestamps=output_timestamps,
+            input_mask=input_mask,
+            latent_timestamps=latent_timestamps,
+            latent_index=latent_index,
+        )
+        hidden = trunk.last_hidden_state
+        if readout_index is not None and not torch.compiler.is_compiling():
+            if int(readout_index.max()) >= len(self.readouts) or int(readout_index.min()) < 0:
+                raise ValueError(
+                    f"readout_index must lie in [0, {len(self.readouts)}) for readouts "
+                    f"{list(self.readouts)}, got values up to {int(readout_index.max())}."
+                )
+        normalized = self._readout(hidden, readout_index)  # (B, N_out, Do)
+        mean, std = self._target_stats(normalized.device, normalized.dtype)  # (R, Do)
+        r = (
+            torch.zeros(normalized.shape[0], dtype=torch.long, device=normalized.device)
+            if readout_index is None
+            else readout_index.long()
+        )
+        mean_b, std_b = mean[r][:, None, :], std[r][:, None, :]  # (B, 1, Do)
+        predictions = normalized * std_b + mean_b
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(normalized, labels, mean_b, std_b, r, output_mask, output_weights)
+        return PoyoDecodingOutput(
+            loss=loss,
+            predictions=predictions,
+            normalized_predictions=normalized,
+            last_hidden_state=hidden,
+            latent_hidden_state=trunk.latent_hidden_state,
+        )
+
+    def loss_function(self, normalized, labels, mean_b, std_b, readout_index, output_mask, output_weights):
+        """Weighted MSE on z-scored targets (spec sec. 6). Non-finite labels and masked queries
+        get weight 0 and are never fed to the loss."""
+        if labels.shape[:2] != normalized.shape[:2]:
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)} but the outputs are {tuple(normalized.shape)}; "
+                "expected (B, N_out, output_dim)."
+            )
+        width = normalized.shape[-1]
+        labels = labels.to(normalized.dtype)
+        if labels.shape[-1] < width:
+            labels = F.pad(labels, (0, width - labels.shape[-1]), value=float("nan"))
+        elif labels.shape[-1] > width:
+            raise ValueError(
+                f"labels has {labels.shape[-1]} dims but the widest readout has {width}; "
+                "check config.readout_dims."
+            )
+        dims = torch.tensor(list(self.config.readout_dims.values()), device=normalized.device)
+        dim_mask = torch.arange(width, device=normalized.device)[None, :] < dims[readout_index][:, None]  # (B, Do)
+        finite = torch.isfinite(labels) & dim_mask[:, None, :]  # (B, N_out, Do)
+        target = torch.where(finite, (labels - mean_b) / std_b, torch.zeros_like(labels))
+        sq = torch.where(finite, (normalized - target) ** 2, torch.zeros_like(target))
+        per_step = sq.sum(-1) / dim_mask.sum(-1, keepdim=True).clamp_min(1)  # (B, N_out): mean over dims
+        weights = torch.ones_like(per_step) if output_weights is None else output_weights.to(per_step.dtype)
+        valid = finite.any(-1) if output_mask is None else finite.any(-1) & output_mask.bool()
+        weights = torch.where(valid, weights, torch.zeros_like(weights))
+        return (weights * per_step).sum() / weights.sum().clamp_min(1e-8)
+
+    def resize_embeddings(self, unit_vocab_size: int, session_vocab_size: int) -> None:
+        """Grow the unit / session tables (old rows bit-identical); see :meth:`PoyoModel.resize_embeddings`."""
+        self.poyo.resize_embeddings(unit_vocab_size, session_vocab_size)
+
+    def grow_vocabularies(self, processor) -> None:
+        """Make the tables as large as ``processor``'s vocabularies (after ``add_session``)."""
+        self.resize_embeddings(processor.unit_vocab_size, processor.session_vocab_size)
+
+
+__all__ = [
+    "PoyoPreTrainedModel",
+    "PoyoModel",
+    "PoyoForDecoding",
+    "PoyoModelOutput",
+    "PoyoDecodingOutput",
+    "PoyoRotaryTimeEmbedding",
+    "PoyoRotaryAttention",
+    "apply_rotary",
+    "rotary_frequencies",
+]
