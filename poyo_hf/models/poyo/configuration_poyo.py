@@ -5,11 +5,11 @@ latent grid, rotary periods, vocabulary sizes, readouts and target normalisation
 reads these values from it (see ``processing_poyo.PoyoProcessor.from_config``).
 """
 
-from __future__ import annotations
-
+import functools
 import math
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import PreTrainedConfig
 
 # Named presets (spec sec. 5). Values are the reference's shipped configs; dropouts as shipped
@@ -42,6 +42,29 @@ POYO_PRESETS: dict[str, dict] = {
 }
 
 
+_FLOAT_FIELDS = ('sequence_length', 'latent_step', 'ffn_dropout', 'lin_dropout', 'attention_dropout', 'initializer_range', 'rotary_t_min', 'rotary_t_max', 'unit_dropout_peak')
+
+
+def _plain_errors(cls):
+    """Re-raise ``@strict``'s wrapper exceptions as the plain ``ValueError`` / ``TypeError`` our
+    users catch (its wrappers derive from ``Exception`` only); the message is kept."""
+    strict_init = cls.__init__
+
+    @functools.wraps(strict_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            strict_init(self, *args, **kwargs)
+        except StrictDataclassClassValidationError as err:
+            cause = err.__cause__
+            raise (cause if isinstance(cause, (ValueError, TypeError)) else ValueError(str(err))) from None
+        except StrictDataclassFieldValidationError as err:
+            raise TypeError(f"PoyoConfig: {err}") from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_plain_errors
 @strict
 class PoyoConfig(PreTrainedConfig):
     r"""Configuration of a POYO decoder (Azabou et al., NeurIPS 2023).
@@ -73,8 +96,8 @@ class PoyoConfig(PreTrainedConfig):
     model_type = "poyo"
     keys_to_ignore_at_inference = ["last_hidden_state", "latent_hidden_state", "normalized_predictions"]
 
-    sequence_length: float = 1.0
-    latent_step: float = 0.125
+    sequence_length: int | float = 1.0
+    latent_step: int | float = 0.125
     num_latents_per_step: int = 16
     hidden_size: int = 64
     num_hidden_layers: int = 6
@@ -82,12 +105,12 @@ class PoyoConfig(PreTrainedConfig):
     num_self_attention_heads: int = 8
     head_dim: int = 64
     ffn_mult: int = 4
-    ffn_dropout: float = 0.2
-    lin_dropout: float = 0.4
-    attention_dropout: float = 0.2
-    initializer_range: float = 0.02
-    rotary_t_min: float = 1e-4
-    rotary_t_max: float = 2.0627
+    ffn_dropout: int | float = 0.2
+    lin_dropout: int | float = 0.4
+    attention_dropout: int | float = 0.2
+    initializer_range: int | float = 0.02
+    rotary_t_min: int | float = 1e-4
+    rotary_t_max: int | float = 2.0627
     num_token_types: int = 4
     unit_vocab_size: int = 1
     session_vocab_size: int = 1
@@ -97,10 +120,13 @@ class PoyoConfig(PreTrainedConfig):
     unit_dropout_min: int = 30
     unit_dropout_mode: int = 100
     unit_dropout_max: int = 300
-    unit_dropout_peak: float = 4.0
+    unit_dropout_peak: int | float = 4.0
     preset: str | None = None
 
     def __post_init__(self, **kwargs):
+        # Numbers given as ints (``sequence_length=1``) are accepted and stored as floats.
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
         if self.readout_dims is None:
             self.readout_dims = {"hand_vel": 2}
         self.readout_dims = {str(k): int(v) for k, v in self.readout_dims.items()}

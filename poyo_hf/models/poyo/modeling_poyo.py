@@ -434,7 +434,7 @@ class PoyoModel(PoyoPreTrainedModel):
                 "input_timestamps and output_timestamps must be floating point seconds, got "
                 f"{input_timestamps.dtype} and {output_timestamps.dtype}."
             )
-        fix = "extend the vocabulary with processor.add_session(...) then model.resize_embeddings(processor)."
+        fix = "register new sessions with processor.add_session(...), then call model.grow_vocabularies(processor)."
         if not torch.compiler.is_compiling():
             self._check_indices("input_unit_index", input_unit_index, self.unit_emb, fix)
             self._check_indices("session_index", session_index, self.session_emb, fix)
@@ -502,7 +502,7 @@ class PoyoForDecoding(PoyoPreTrainedModel):
         output_mask: optional (B, N_out) bool, True for real output queries.
 
     The loss is sum_i w_i * mean_d((pred_id - y_id)^2) / sum_i w_i over unmasked queries with
-    finite labels, computed on z-scored targets (config.target_mean / target_std), so Trainer
+    finite labels (the mean runs over the finite dims of each query), computed on z-scored targets (config.target_mean / target_std), so Trainer
     needs no custom loss. Predictions are returned in physical units.
     """
 
@@ -620,7 +620,7 @@ class PoyoForDecoding(PoyoPreTrainedModel):
         finite = torch.isfinite(labels) & dim_mask[:, None, :]  # (B, N_out, Do)
         target = torch.where(finite, (labels - mean_b) / std_b, torch.zeros_like(labels))
         sq = torch.where(finite, (normalized - target) ** 2, torch.zeros_like(target))
-        per_step = sq.sum(-1) / dim_mask.sum(-1, keepdim=True).clamp_min(1)  # (B, N_out): mean over dims
+        per_step = sq.sum(-1) / finite.sum(-1).clamp_min(1)  # (B, N_out): mean over the finite dims
         weights = torch.ones_like(per_step) if output_weights is None else output_weights.to(per_step.dtype)
         valid = finite.any(-1) if output_mask is None else finite.any(-1) & output_mask.bool()
         weights = torch.where(valid, weights, torch.zeros_like(weights))

@@ -1,0 +1,1 @@
+"""Training and evaluation utilities for poyo_hf models (losses, metrics, loops)."""
