@@ -1,0 +1,24 @@
+"""``poyo-hf bench ...``: benchmarks that print a table and, with ``--json``, one JSON object on
+the last line holding every figure. Speed targets live here, never in timed tests."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "model": ("poyo_hf.bench.model", "POYO training steps/s and batch-1 latency, side by side with torch_brain"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: poyo-hf bench NAME [--help] [options]\n\nbenchmarks:")
+        for name, (_, help_) in BENCHMARKS.items():
+            print(f"  {name:<10} {help_}")
+        return 0
+    if argv[0] not in BENCHMARKS:
+        print(f"poyo-hf bench: unknown benchmark {argv[0]!r}; choose from {sorted(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(BENCHMARKS[argv[0]][0]).main(argv[1:]) or 0)

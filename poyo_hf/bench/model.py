@@ -1,0 +1,183 @@
+"""``poyo-hf bench model``: POYO training throughput and batch-1 latency on the CPU.
+
+The fixed benchmark batch (issue "POYO as a transformers model"): poyo-mp preset, 32 one-second
+windows of 100 units firing at 20 Hz (Poisson), 100 output timestamps per window, 2 threads.
+Measures training steps/s (forward + weighted-MSE loss + backward + AdamW step) and batch-1
+inference latency (p50/p99), for poyo_hf and, when ``torch_brain`` is installed, for the
+reference POYO on the same tokens in the same run, and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import numpy as np
+import torch
+
+from .common import emit_json, percentile, print_table, set_threads, time_calls
+
+
+def benchmark_batch(
+    n_windows: int = 32, n_units: int = 100, rate_hz: float = 20.0, n_outputs: int = 100, seed: int = 0
+) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    units = [f"bench/u{i}" for i in range(n_units)]
+    windows = []
+    for _ in range(n_windows):
+        counts = rng.poisson(rate_hz, n_units)
+        unit_index = np.repeat(np.arange(n_units), counts)
+        times = rng.uniform(0.0, 1.0, unit_index.size)
+        order = np.argsort(times)
+        windows.append(
+            {
+                "session_id": "bench",
+                "unit_ids": units,
+                "spike_times": times[order],
+                "spike_unit_index": unit_index[order],
+                "output_timestamps": np.linspace(0.0, 1.0, n_outputs, endpoint=False) + 0.005,
+                "targets": rng.normal(size=(n_outputs, 2)),
+            }
+        )
+    return windows
+
+
+def _ours(preset: str, windows: list[dict]):
+    from poyo_hf import PoyoConfig, PoyoForDecoding, PoyoProcessor
+
+    units = windows[0]["unit_ids"]
+    config = PoyoConfig.from_preset(preset, unit_vocab_size=len(units) + 1, session_vocab_size=2)
+    proc = PoyoProcessor.from_config(config, {"bench": units})
+    torch.manual_seed(0)
+    model = PoyoForDecoding(config)
+    return model, proc
+
+
+def _reference(config, proc):
+    try:
+        from torch_brain.models import POYO
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    ref = POYO(
+        sequence_length=config.sequence_length,
+        latent_step=config.latent_step,
+        num_latents_per_step=config.num_latents_per_step,
+        dim_out=2,
+        dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        dim_head=config.head_dim,
+        cross_heads=config.num_cross_attention_heads,
+        self_heads=config.num_self_attention_heads,
+        ffn_dropout=config.ffn_dropout,
+        lin_dropout=config.lin_dropout,
+        atn_dropout=config.attention_dropout,
+    )
+    ref.unit_emb.initialize_vocab(proc.unit_vocab)
+    ref.session_emb.initialize_vocab(proc.session_vocab)
+    return ref
+
+
+def _weighted_mse(pred, labels, mask):
+    sq = ((pred - labels) ** 2).mean(-1)
+    w = mask.float()
+    return (w * sq).sum() / w.sum()
+
+
+def run(preset: str = "poyo-mp", steps: int = 5, latency_runs: int = 50, threads: int = 2) -> dict:
+    set_threads(threads)
+    windows = benchmark_batch()
+    model, proc = _ours(preset, windows)
+    batch = dict(proc(windows))
+    one = dict(proc(windows[:1]))
+    latent_index, latent_t = model.poyo.latent_grid()
+    ref = _reference(model.config, proc)
+
+    def ref_inputs(b):
+        B = b["input_unit_index"].shape[0]
+        return dict(
+            input_unit_index=b["input_unit_index"],
+            input_timestamps=b["input_timestamps"],
+            input_token_type=b["input_token_type"],
+            input_mask=b["input_mask"],
+            latent_index=latent_index.expand(B, -1),
+            latent_timestamps=latent_t.expand(B, -1),
+            session_index=b["session_index"],
+            output_timestamps=b["output_timestamps"],
+        )
+
+    results: dict = {
+        "preset": preset,
+        "threads": threads,
+        "windows": len(windows),
+        "tokens_per_window": float(batch["input_mask"].sum(1).float().mean()),
+        "outputs_per_window": int(batch["output_mask"].sum(1)[0]),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+
+    def train_step_ours():
+        opt.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t = time_calls(train_step_ours, steps, warmup=2)
+    results["ours_train_steps_per_s"] = 1.0 / percentile(t, 0.5)
+    model.eval()
+    with torch.no_grad():
+        lat = time_calls(lambda: model(**one), latency_runs, warmup=5)
+    results["ours_latency_p50_ms"] = 1000 * percentile(lat, 0.5)
+    results["ours_latency_p99_ms"] = 1000 * percentile(lat, 0.99)
+
+    if ref is not None:
+        ref_batch, ref_one = ref_inputs(batch), ref_inputs(one)
+        labels = batch["labels"]
+        mask = batch["output_mask"]
+        ref.train()
+        ropt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+
+        def train_step_ref():
+            ropt.zero_grad(set_to_none=True)
+            pred = ref(**ref_batch)
+            _weighted_mse(pred, torch.nan_to_num(labels), mask).backward()
+            ropt.step()
+
+        t = time_calls(train_step_ref, steps, warmup=2)
+        results["ref_train_steps_per_s"] = 1.0 / percentile(t, 0.5)
+        ref.eval()
+        with torch.no_grad():
+            lat = time_calls(lambda: ref(**ref_one), latency_runs, warmup=5)
+        results["ref_latency_p50_ms"] = 1000 * percentile(lat, 0.5)
+        results["ref_latency_p99_ms"] = 1000 * percentile(lat, 0.99)
+        results["train_speedup"] = results["ours_train_steps_per_s"] / results["ref_train_steps_per_s"]
+        results["latency_ratio"] = results["ours_latency_p50_ms"] / results["ref_latency_p50_ms"]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="poyo-hf bench model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="poyo-mp", choices=["poyo-mp", "poyo-1", "poyo-single"])
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 forward passes")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.latency_runs < 1 or args.threads < 1:
+        parser.error("--steps, --latency-runs and --threads must be >= 1")
+    r = run(args.preset, args.steps, args.latency_runs, args.threads)
+    rows = [["poyo_hf", r["ours_train_steps_per_s"], r["ours_latency_p50_ms"], r["ours_latency_p99_ms"]]]
+    if "ref_train_steps_per_s" in r:
+        rows.append(["torch_brain 0.2.1", r["ref_train_steps_per_s"], r["ref_latency_p50_ms"], r["ref_latency_p99_ms"]])
+        rows.append(["ratio (ours/ref)", r["train_speedup"], r["latency_ratio"], ""])
+    else:
+        print("(torch_brain not installed: reference columns skipped; `pip install torch-brain==0.2.1`)")
+    print(f"POYO {args.preset}, {r['windows']} windows x {r['tokens_per_window']:.0f} tokens, "
+          f"{r['outputs_per_window']} outputs, {args.threads} threads")
+    print_table(["implementation", "train steps/s", "b1 latency p50 ms", "p99 ms"], rows)
+    if args.json:
+        emit_json(r)
+    return 0

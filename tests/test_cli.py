@@ -1,0 +1,54 @@
+"""The `poyo-hf` command: help everywhere, the demo, and a benchmark smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from poyo_hf.cli import COMMANDS, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "poyo_hf.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help(command):
+    res = run_cli(command, "--help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage" in res.stdout.lower()
+
+
+def test_unknown_command_is_an_error(capsys):
+    assert main(["nope"]) == 2
+    assert "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_demo_runs_and_round_trips():
+    res = run_cli("demo", "--units", "20")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "round trip identical: True" in res.stdout
+
+
+def test_bench_model_prints_a_table_and_json():
+    res = run_cli("bench", "model", "--steps", "1", "--latency-runs", "2", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["ours_train_steps_per_s"] > 0 and result["ours_latency_p50_ms"] > 0
+    assert "train steps/s" in res.stdout
+    try:
+        import torch_brain  # noqa: F401
+    except ImportError:
+        return
+    assert result["ref_train_steps_per_s"] > 0 and "torch_brain" in res.stdout
