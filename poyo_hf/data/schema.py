@@ -75,7 +75,7 @@ def _intervals(starts: Any, ends: Any, where: str) -> tuple[np.ndarray, np.ndarr
         raise SchemaError(f"{where}: interval bounds must be finite numbers.")
     if np.any(e < s):
         i = int(np.flatnonzero(e < s)[0])
-        raise SchemaError(f"{where}: interval {i} ends ({e[i]}) before it starts ({s[i]}).")
+        raise SchemaError(f"{where}: interval {i} ends ({float(e[i])}) before it starts ({float(s[i])}).")
     return s, e
 
 
@@ -133,8 +133,8 @@ class SessionRecording:
 
     @property
     def duration(self) -> float:
-        spans = [e.max() - s.min() for s, e in self.splits.values() if s.size]
-        return float(max(spans)) if spans else 0.0
+        """Total duration of the split intervals (s)."""
+        return float(sum(np.sum(np.asarray(e, float) - np.asarray(s, float)) for s, e in self.splits.values()))
 
     def validate(self) -> "SessionRecording":
         """Check every field; raise :class:`SchemaError` naming the session and the field."""
@@ -147,7 +147,7 @@ class SessionRecording:
         uniq, counts = np.unique(self.unit_ids, return_counts=True)
         if np.any(counts > 1):
             raise SchemaError(
-                f"{where}: unit_ids has duplicates ({uniq[counts > 1][:5].tolist()}); "
+                f"{where}: unit_ids has duplicates ({[str(u) for u in uniq[counts > 1][:5]]}); "
                 "unit ids must be unique (prefix them with the session id)."
             )
         if self.spike_times.shape != self.spike_unit_index.shape:
@@ -179,7 +179,7 @@ class SessionRecording:
                 i = int(same_t[self.spike_unit_index[same_t] == self.spike_unit_index[same_t + 1]][0])
                 raise SchemaError(
                     f"{where}: spike_times has a duplicate spike of unit "
-                    f"{self.unit_ids[self.spike_unit_index[i]]!r} at t={self.spike_times[i]}; "
+                    f"{str(self.unit_ids[self.spike_unit_index[i]])!r} at t={float(self.spike_times[i])}; "
                     "remove duplicated spikes."
                 )
         t, v = self.behavior_timestamps, self.behavior_values
@@ -208,13 +208,29 @@ class SessionRecording:
         if not self.splits:
             raise SchemaError(f"{where}: no split intervals; give at least splits['train'].")
         total = 0.0
+        spans: list[tuple[float, float, str]] = []
         for name, (s, e) in self.splits.items():
             if name not in SPLITS:
                 raise SchemaError(f"{where}: split {name!r} unknown; use one of {SPLITS}.")
             s, e = _intervals(s, e, f"{where}, splits[{name!r}]")
             total += float(np.sum(e - s))
+            spans += [(float(a), float(b), name) for a, b in zip(s, e)]
         if total <= 0:
             raise SchemaError(f"{where}: split intervals have zero total duration.")
+        for a, b, name in spans:
+            if b <= a:
+                raise SchemaError(
+                    f"{where}: a splits[{name!r}] interval has zero duration (at {a}); drop empty intervals."
+                )
+        # Overlapping intervals would put the same spikes in two splits (test data leaking into
+        # training); touching intervals are fine.
+        spans.sort()
+        for (a0, b0, n0), (a1, b1, n1) in zip(spans, spans[1:]):
+            if a1 < b0 - 1e-12:
+                raise SchemaError(
+                    f"{where}: split intervals overlap: {n0} [{a0}, {b0}) and {n1} [{a1}, {b1}); "
+                    "make the train / valid / test intervals disjoint."
+                )
         return self
 
     # ------------------------------------------------------------------ rows
