@@ -56,9 +56,8 @@ def random_windows(rng: np.random.Generator, n: int = 3) -> list[dict]:
 def test_rotary_matches_hand_written_2x2_rotation():
     head_dim, t = 8, 0.37
     emb = PoyoRotaryTimeEmbedding(head_dim, t_min=0.01, t_max=1.0)
-    x = torch.randn(1, 1, 1, head_dim)  # (B, H, N, Dh)
-    cos, sin = emb(torch.tensor([[t]]))
-    y = apply_rotary(x, cos, sin)
+    x = torch.randn(1, 1, 1, head_dim)  # (B, N, H, Dh)
+    y = apply_rotary(x, emb(torch.tensor([[t]])))
     omega = 2 * math.pi / np.exp(np.linspace(np.log(0.01), np.log(1.0), head_dim // 4))
     expected = x.clone()
     for k, w in enumerate(omega):  # pairs (0,1), (2,3): rotate by w * t
@@ -82,8 +81,8 @@ def test_rotary_periods_are_log_spaced_with_both_ends_included():
 def test_rotary_embedding_stays_float32_under_autocast():
     emb = PoyoRotaryTimeEmbedding(8, 1e-4, 2.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cos, sin = emb(torch.tensor([[0.123456]]))
-    assert cos.dtype == torch.float32 and sin.dtype == torch.float32
+        phase = emb(torch.tensor([[0.123456]]))
+    assert phase.dtype == torch.complex64
 
 
 def test_value_rotation_makes_attention_relative_in_time():

@@ -71,7 +71,7 @@ def rotary_frequencies(
 
 
 class PoyoRotaryTimeEmbedding(nn.Module):
-    """Turns timestamps into (cos, sin) tables for :func:`apply_rotary`.
+    """Turns timestamps into unit complex phases ``exp(i * omega_k * t)`` for :func:`apply_rotary`.
 
     Always computed in float32 with autocast off: sub-millisecond spike timing does not survive
     bf16 angles (the fastest frequency is ~6e4 rad/s). The frequencies are recomputed from the
@@ -87,27 +87,27 @@ class PoyoRotaryTimeEmbedding(nn.Module):
         self.t_min = t_min
         self.t_max = t_max
 
-    def forward(self, timestamps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """timestamps (...) -> cos, sin, each (..., head_dim // 2) with pairs repeated."""
+    def forward(self, timestamps: torch.Tensor) -> torch.Tensor:
+        """timestamps (...) -> complex64 phases (..., head_dim // 4), one per rotating pair."""
         with torch.autocast(device_type=timestamps.device.type, enabled=False):
             omega = rotary_frequencies(self.head_dim, self.t_min, self.t_max, timestamps.device)
             angles = timestamps.float()[..., None] * omega  # (..., Dh/4)
-            angles = angles.repeat_interleave(2, dim=-1)  # (..., Dh/2): one angle per pair member
-            return angles.cos(), angles.sin()
+            return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x`` as interleaved pairs; keep the rest.
+def apply_rotary(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``2 * phase.shape[-1]`` dims of every head of ``x`` as interleaved
+    pairs (x[2k], x[2k+1]) by the phase's angle; the remaining dims pass through.
 
-    x: (B, H, N, Dh); cos, sin: (B, N, R) with R = Dh // 2 (broadcast over heads).
+    x: (B, N, H, Dh) with heads on dim -2; phase: (B, N, Dh/4) complex (shared by the heads).
+    A pair read as the complex number x[2k] + i x[2k+1] is multiplied by exp(i * angle): one
+    fused complex product instead of the cos/sin/rotate-half sequence, in float32.
     """
-    rot = cos.shape[-1]
-    cos = cos.unsqueeze(1).to(x.dtype)  # (B, 1, N, R)
-    sin = sin.unsqueeze(1).to(x.dtype)
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    pairs = x_rot.unflatten(-1, (-1, 2))  # (B, H, N, R/2, 2)
-    rotated_half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (B, H, N, R)
-    return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)  # (B, H, N, Dh)
+    rot = 2 * phase.shape[-1]
+    x_rot, x_pass = x.split([rot, x.shape[-1] - rot], dim=-1)
+    pairs = torch.view_as_complex(x_rot.float().unflatten(-1, (-1, 2)))  # (B, N, H, Dh/4)
+    rotated = torch.view_as_real(pairs * phase.unsqueeze(-2)).flatten(-2)  # (B, N, H, Dh/2)
+    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)  # (B, N, H, Dh)
 
 
 def eager_attention_forward(
@@ -172,33 +172,40 @@ class PoyoRotaryAttention(nn.Module):
             self.kv_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.o_proj = nn.Linear(inner, dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, N, H*Dh) -> (B, H, N, Dh)
-
     def forward(
         self,
         hidden_states: torch.Tensor,
-        query_rotary: tuple[torch.Tensor, torch.Tensor],
+        query_phase: torch.Tensor,
         context: torch.Tensor | None = None,
-        context_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context_phase: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         attn_implementation: str = "sdpa",
     ) -> torch.Tensor:
-        """hidden_states (B, Nq, D); context (B, Nk, D) or None for self-attention;
-        context_mask bool (B, Nk), True = real token. Returns (B, Nq, D)."""
+        """hidden_states (B, Nq, D); context (B, Nk, D) or None for self-attention; phases from
+        :class:`PoyoRotaryTimeEmbedding`; context_mask bool (B, Nk), True = real token.
+        Returns (B, Nq, D)."""
+        H = self.heads
         x = self.norm(hidden_states)
         if self.self_attention:
-            q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # 3 x (B, N, H*Dh)
-            context_rotary = query_rotary
+            qkv = self.qkv_proj(x).unflatten(-1, (3 * H, self.head_dim))  # (B, N, 3H, Dh)
+            # Self-attention: Q, K and V share the token times, so one rotation covers all
+            # three (V only when rotate_value).
+            if self.rotate_value:
+                qkv = apply_rotary(qkv, query_phase)
+                q, k, v = qkv.split(H, dim=2)
+            else:
+                qk, v = qkv.split([2 * H, H], dim=2)
+                q, k = apply_rotary(qk, query_phase).split(H, dim=2)
         else:
             c = self.context_norm(context)
-            q = self.q_proj(x)  # (B, Nq, H*Dh)
-            k, v = self.kv_proj(c).chunk(2, dim=-1)  # 2 x (B, Nk, H*Dh)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, N, Dh)
-        q = apply_rotary(q, *query_rotary)
-        k = apply_rotary(k, *context_rotary)
-        if self.rotate_value:
-            v = apply_rotary(v, *context_rotary)
+            q = apply_rotary(self.q_proj(x).unflatten(-1, (H, self.head_dim)), query_phase)  # (B, Nq, H, Dh)
+            kv = self.kv_proj(c).unflatten(-1, (2 * H, self.head_dim))  # (B, Nk, 2H, Dh): K heads, V heads
+            if self.rotate_value:
+                k, v = apply_rotary(kv, context_phase).split(H, dim=2)
+            else:
+                k, v = kv.split(H, dim=2)
+                k = apply_rotary(k, context_phase)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, Dh)
         mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, Nk)
         attention_interface = eager_attention_forward
         if attn_implementation != "eager":
@@ -213,8 +220,7 @@ class PoyoRotaryAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
         )  # (B, Nq, H, Dh)
         if self.rotate_value:
-            cos, sin = query_rotary
-            out = apply_rotary(out.transpose(1, 2), cos, -sin).transpose(1, 2)  # rotate back by -t_q
+            out = apply_rotary(out, query_phase.conj())  # rotate back by -t_q
         return self.o_proj(out.flatten(-2))  # (B, Nq, H*Dh) -> (B, Nq, D)
 
 
@@ -442,7 +448,7 @@ class PoyoModel(PoyoPreTrainedModel):
         impl = self.config._attn_implementation or "sdpa"
 
         inputs = self.unit_emb(input_unit_index) + self.token_type_emb(input_token_type)  # (B, N_in, D)
-        input_rotary = self.rotary_emb(input_timestamps)  # 2 x (B, N_in, Dh/2)
+        input_rotary = self.rotary_emb(input_timestamps)  # (B, N_in, Dh/4) complex
 
         if latent_timestamps is None or latent_index is None:
             grid_index, grid_times = self.latent_grid(input_unit_index.device)
@@ -453,7 +459,7 @@ class PoyoModel(PoyoPreTrainedModel):
         if latent_timestamps.dim() == 1:
             latent_timestamps = latent_timestamps.expand(B, -1)
         latents = self.latent_emb(latent_index)  # (B, N_lat, D)
-        latent_rotary = self.rotary_emb(latent_timestamps)  # 2 x (B, N_lat, Dh/2)
+        latent_rotary = self.rotary_emb(latent_timestamps)  # (B, N_lat, Dh/4) complex
 
         queries = self.session_emb(session_index)[:, None, :]  # (B, 1, D)
         queries = queries.expand(-1, output_timestamps.shape[1], -1)  # (B, N_out, D)

@@ -1,0 +1,693 @@
+"""NDT: a Transformer encoder over binned spike counts, trained by masked modelling.
+
+Ye & Pandarinath, "Representation learning for neural population activity with Neural Data
+Transformers", 2021 (reference code: snel-repo/neural-data-transformers).
+
+Data flow (one trial of T = observed + forward bins)::
+
+    counts (B, T, N_in)  --zero held-out channels-->  (B, T, N)   [forward bins are zero rows]
+        |  masking (training): whole bins chosen, entries zeroed / randomised / kept
+        v
+    embedding (identity | count | linear) * sqrt(D) + learned position[t]  -> dropout
+        v
+    L x [ x += Drop(Attn(LN(x)), banded)  ;  x += Drop(FFN_relu(LN(x))) ]   (pre-norm)
+        v
+    LayerNorm -> dropout -> Linear(D, N) = log-rates  (Poisson NLL, log input)
+
+The loss covers the held-in entries of masked bins, every held-out entry of every observed bin
+and every entry of every forward bin, averaged over those entries (as the reference does).
+
+Shape legend used in the comments:
+    B      trials in the batch
+    T      bins: observed + forward, padded to the longest trial of the batch
+    N_in   held-in neurons (input channels)
+    N_out  held-out neurons
+    N      N_in + N_out (readout width)
+    F      forward bins
+    D      hidden size
+    H      attention heads
+    Dh     head dim (D / H)
+
+Attention mask convention: boolean, True = attend. Bin t attends to keys
+``[t - context_backward, t + context_forward]`` (clipped to the trial), never to padding bins;
+a padding bin attends to itself only, which keeps every softmax row finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
+
+from .configuration_ndt import NdtConfig
+
+# ----------------------------------------------------------------------------------------
+# Primitives (plain scalars in, testable against closed-form math)
+# ----------------------------------------------------------------------------------------
+
+
+def banded_attention_mask(
+    length: int,
+    context_backward: int | None,
+    context_forward: int | None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """(T, T) bool, True where query bin t may attend to key bin s, i.e.
+    ``t - context_backward <= s <= t + context_forward``; ``None`` for a side means unlimited.
+    Returns ``None`` (no mask at all) when both sides are unlimited."""
+    if context_backward is None and context_forward is None:
+        return None
+    idx = torch.arange(length, device=device)
+    offset = idx[None, :] - idx[:, None]  # (T, T): key - query
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+    if context_backward is not None:
+        allowed &= offset >= -context_backward
+    if context_forward is not None:
+        allowed &= offset <= context_forward
+    return allowed
+
+
+def span_expand_probability(step: int, ramp_start: int, ramp_end: int) -> float:
+    """Probability that a training batch uses spans wider than one bin: 0 before ``ramp_start``,
+    rising linearly to 1 at ``ramp_end`` (the reference's ``expand_prob``)."""
+    if ramp_end <= ramp_start:
+        return 1.0 if step >= ramp_start else 0.0
+    return min(max((step - ramp_start) / (ramp_end - ramp_start), 0.0), 1.0)
+
+
+def expand_spans(seeds: torch.Tensor, width: int) -> torch.Tensor:
+    """seeds (B, T) bool -> (B, T) bool where every seed at t masks the ``width`` bins
+    ``[t - (width - 1) // 2, t - (width - 1) // 2 + width)`` (centred, like the reference's
+    convolution), clipped to the sequence."""
+    if width <= 1:
+        return seeds
+    out = torch.zeros_like(seeds)
+    T = seeds.shape[-1]
+    for k in range(width):
+        shift = k - (width - 1) // 2  # seed at t marks t + shift
+        if shift >= 0:
+            out[:, shift:] |= seeds[:, : T - shift]
+        else:
+            out[:, : T + shift] |= seeds[:, -shift:]
+    return out
+
+
+def sample_bin_mask(
+    maskable: torch.Tensor, ratio: float, width: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Whole-bin mask: seeds drawn Bernoulli(``ratio / width``) on the ``maskable`` bins (B, T),
+    each expanded to a span of ``width`` bins, then restricted to the maskable bins again.
+    Expected masked fraction is about ``ratio`` (a little less where spans overlap or clip)."""
+    probs = torch.full(maskable.shape, ratio / max(width, 1), device=maskable.device)
+    seeds = torch.bernoulli(probs, generator=generator).bool() & maskable  # (B, T)
+    return expand_spans(seeds, width) & maskable
+
+
+def replace_masked_entries(
+    spikes: torch.Tensor,
+    bin_mask: torch.Tensor,
+    token_ratio: float,
+    random_ratio: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrupt the entries of masked bins, independently per (trial, bin, neuron) as the reference
+    does: a ``token_ratio`` fraction is set to 0; of the rest, a ``random_ratio`` fraction gets a
+    count drawn uniformly from ``[0, max count of the batch]``; the others stay intact.
+
+    spikes (B, T, N_in), bin_mask (B, T) bool -> (corrupted spikes, zeroed, randomised), the last
+    two (B, T, N_in) bool.
+    """
+    entry = bin_mask[..., None].expand_as(spikes)  # (B, T, N_in)
+    u = torch.rand(spikes.shape, device=spikes.device, generator=generator)
+    zeroed = (u < token_ratio) & entry
+    u = torch.rand(spikes.shape, device=spikes.device, generator=generator)
+    randomised = (u < random_ratio) & entry & ~zeroed
+    high = int(spikes.max().item()) if spikes.numel() else 0
+    random_counts = torch.randint(
+        0, high + 1, spikes.shape, device=spikes.device, generator=generator
+    ).to(spikes.dtype)
+    out = torch.where(zeroed, torch.zeros_like(spikes), spikes)
+    out = torch.where(randomised, random_counts, out)
+    return out, zeroed, randomised
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: explicit softmax(QK^T * scale) V.
+
+    query/key/value (B, H, T, Dh); attention_mask bool (B|1, 1, T, T), True = attend.
+    Returns (B, T, H, Dh) like the transformers attention interface, and the weights.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, T, T)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)  # (B, H, T, Dh)
+    return out.transpose(1, 2), weights  # (B, T, H, Dh)
+
+
+# Init roles, read by NdtPreTrainedModel._init_weights (tags live on the leaf modules, so the
+# init never depends on visiting a parent module).
+_ROLE = "_ndt_init_role"
+
+
+def _tag(module: nn.Module, role: str) -> nn.Module:
+    setattr(module, _ROLE, role)
+    return module
+
+
+class NdtAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (with bias, like
+    ``nn.MultiheadAttention``) and an output projection. Takes plain scalars."""
+
+    is_causal = False  # bidirectional: SDPA must not assume a causal mask
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}).")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.dropout = dropout
+        self.scaling = self.head_dim**-0.5
+        self.qkv_proj = _tag(nn.Linear(dim, 3 * dim), "qkv")
+        self.o_proj = _tag(nn.Linear(dim, dim), "fixup_out")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> torch.Tensor:
+        """hidden_states (B, T, D), attention_mask bool (B|1, 1, T, T) or None -> (B, T, D)."""
+        B, T, D = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(B, T, 3, self.heads, self.head_dim)  # (B, T, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, Dh)
+        attention_interface = eager_attention_forward
+        if attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
+        out, _ = attention_interface(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+        )  # (B, T, H, Dh)
+        return self.o_proj(out.reshape(B, T, D))  # (B, T, H*Dh) -> (B, T, D)
+
+
+class NdtFeedForward(nn.Module):
+    """Linear(D, I) -> ReLU (or GELU) -> dropout -> Linear(I, D)."""
+
+    def __init__(self, dim: int, intermediate: int, dropout: float = 0.0, activation: str = "relu"):
+        super().__init__()
+        self.fc1 = _tag(nn.Linear(dim, intermediate), "fixup_ffn")
+        self.fc2 = _tag(nn.Linear(intermediate, dim), "fixup_ffn")
+        self.dropout = nn.Dropout(dropout)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)  # (B, T, I)
+        h = F.relu(h) if self.activation == "relu" else F.gelu(h)
+        return self.fc2(self.dropout(h))  # (B, T, D)
+
+
+# ----------------------------------------------------------------------------------------
+# Blocks (take the config)
+# ----------------------------------------------------------------------------------------
+
+
+class NdtEmbedding(nn.Module):
+    """Counts (B, T, N) -> tokens (B, T, D): embed, multiply by sqrt(D), add the learned position
+    of each bin, dropout (reference: ``embedder(src) * sqrt(num_input)`` then ``pos_encoder``)."""
+
+    def __init__(self, config: NdtConfig):
+        super().__init__()
+        self.kind = config.embedding
+        self.max_count = config.max_count
+        if self.kind == "count":
+            self.count_emb = _tag(nn.Embedding(config.max_count + 1, config.count_embedding_dim), "count")
+        elif self.kind == "linear":
+            self.linear = _tag(nn.Linear(config.num_total_neurons, config.hidden_size), "default")
+        self.position_emb = _tag(nn.Embedding(config.num_positions, config.hidden_size), "position")
+        self.scale = math.sqrt(config.hidden_size)
+        self.dropout = nn.Dropout(config.embedding_dropout)
+
+    def embed_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts (B, T, N) -> (B, T, D), before scaling and positions."""
+        if self.kind == "identity":
+            return counts
+        if self.kind == "count":
+            index = counts.clamp(0, self.max_count).long()  # (B, T, N)
+            return self.count_emb(index).flatten(-2)  # (B, T, N, E) -> (B, T, N*E)
+        return self.linear(counts)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        T = counts.shape[1]
+        x = self.embed_counts(counts) * self.scale + self.position_emb.weight[:T]  # (B, T, D)
+        return self.dropout(x)
+
+
+class NdtLayer(nn.Module):
+    """Pre-norm encoder layer: x += Drop(Attn(LN(x))); x += Drop(FFN(LN(x)))."""
+
+    def __init__(self, config: NdtConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.self_attn = NdtAttention(d, config.num_attention_heads, config.attention_dropout)
+        self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.ffn = NdtFeedForward(d, config.intermediate_size, config.hidden_dropout, config.hidden_act)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, attn_implementation: str) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.norm1(x), attention_mask, attn_implementation))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class NdtModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, T, D) encoder states after the final LayerNorm.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class NdtMaskedModelingOutput(ModelOutput):
+    """
+    loss: scalar Poisson NLL (``poisson_nll_loss(log_input=True, full=False)``: ``exp(x) - y * x``)
+        averaged over the scored entries, when there is anything to score.
+    log_rates: (B, T, N) predicted log firing rates per bin (held-in then held-out neurons).
+    rates: (B, T, N) ``exp(log_rates)``, expected counts per bin.
+    mask: (B, T) bool, the bins that were masked (None when no masking was applied).
+    last_hidden_state: (B, T, D).
+    """
+
+    loss: torch.Tensor | None = None
+    log_rates: torch.Tensor | None = None
+    rates: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------
+
+
+class NdtPreTrainedModel(PreTrainedModel):
+    config: NdtConfig
+    config_class = NdtConfig
+    base_model_prefix = "ndt"
+    main_input_name = "spikes"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _no_split_modules = ["NdtLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Reference init (NDT ``init_weights`` + ``fixup_initialization``):
+
+        * QKV: Xavier-uniform over the packed (3D, D) matrix, bias 0 (``nn.MultiheadAttention``).
+        * attention output and both feed-forward weights: PyTorch's Linear default
+          U(+-1/sqrt(fan_in)) times ``0.67 * L ** -0.25`` (T-Fixup, Huang et al. 2020);
+          the attention output bias is 0, the feed-forward biases keep the Linear default.
+          The reference also multiplies a ``v_proj`` weight by sqrt(2), but torch's packed MHA
+          has no such parameter, so the released models never got it; neither do we.
+        * readout: U(-0.1, 0.1), bias 0; count embedding: U(-0.1, 0.1); positions N(0, 1).
+        * LayerNorms: weight 1, bias 0.
+        """
+        c = self.config
+        role = getattr(module, _ROLE, None)
+        fixup = 0.67 * c.num_hidden_layers**-0.25 if c.fixup_init else 1.0
+        if isinstance(module, nn.Linear):
+            fan_in = module.weight.shape[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            if role == "qkv":
+                init.xavier_uniform_(module.weight)
+                init.zeros_(module.bias)
+            elif role == "fixup_out":
+                init.uniform_(module.weight, -fixup * bound, fixup * bound)
+                init.zeros_(module.bias)
+            elif role == "fixup_ffn":
+                init.uniform_(module.weight, -fixup * bound, fixup * bound)
+                init.uniform_(module.bias, -bound, bound)
+            elif role == "readout":
+                init.uniform_(module.weight, -c.readout_init_range, c.readout_init_range)
+                init.zeros_(module.bias)
+            else:  # PyTorch's default Linear init
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                if module.bias is not None:
+                    init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            if role == "position":
+                init.normal_(module.weight, mean=0.0, std=c.position_init_std)
+            else:
+                init.uniform_(module.weight, -0.1, 0.1)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+def _trial_lengths(attention_mask: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """(B,) number of real bins per trial (observed + forward)."""
+    if attention_mask is None:
+        return torch.full((B,), T, dtype=torch.long, device=device)
+    return attention_mask.long().sum(-1)
+
+
+class NdtModel(NdtPreTrainedModel):
+    """The NDT encoder: binned counts -> hidden states (B, T, D).
+
+    Inputs (as made by :class:`~poyo_hf.models.ndt.NdtProcessor`):
+        spikes: (B, T, N_in) held-in counts, float; forward bins and padding bins are zero.
+            The held-out channels are appended here as zeros.
+        attention_mask: optional (B, T), 1/True for real bins (observed + forward), 0 for the
+            padding that follows a shorter trial. Padding never influences real bins.
+
+    In eval mode with gradients off and the ``sdpa`` attention implementation, the encoder runs a
+    fused inference path (:meth:`_fast_encode`: the same computation as the modules, without
+    dropout layers, attention-interface dispatch or per-module overhead); it equals the eager
+    reference to float32 rounding (tested).
+    """
+
+    def __init__(self, config: NdtConfig):
+        super().__init__(config)
+        self.embeddings = NdtEmbedding(config)
+        self.layers = nn.ModuleList(NdtLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self._band_cache: dict[tuple, torch.Tensor | None] = {}
+        self.post_init()
+
+    # -- masks ------------------------------------------------------------------------------
+    def band_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """The (T, T) banded context mask, built once per (T, device) and cached (None = full)."""
+        c = self.config
+        key = (length, str(device), c.context_backward, c.context_forward)
+        if key not in self._band_cache:
+            self._band_cache[key] = banded_attention_mask(length, c.context_backward, c.context_forward, device)
+        return self._band_cache[key]
+
+    def attention_bias(self, attention_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (B|1, 1, T, T) mask for the attention (True = attend), or None when every bin
+        may attend to every bin (full context, no padding): SDPA then runs unmasked."""
+        band = self.band_mask(length, device)  # (T, T) or None
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask.bool()
+            if bool(valid.all()):
+                valid = None
+        if valid is None:
+            return None if band is None else band[None, None]
+        eye = torch.eye(length, dtype=torch.bool, device=device)
+        keys = valid[:, None, :] | eye  # (B, T, T): real keys, plus itself for a padding query
+        allowed = keys if band is None else keys & band
+        return allowed[:, None]  # (B, 1, T, T)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _check_spikes(self, spikes: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if spikes.dim() != 3:
+            raise ValueError(
+                f"spikes must be (B, T, num_neurons) binned counts, got shape {tuple(spikes.shape)}; "
+                "use NdtProcessor to bin spike times."
+            )
+        if spikes.shape[-1] != c.num_neurons:
+            raise ValueError(
+                f"spikes has {spikes.shape[-1]} neurons (last dim) but config.num_neurons is {c.num_neurons} "
+                "held-in neurons; pass the held-in counts only (held-out channels are added as zeros)."
+            )
+        if spikes.shape[1] > c.num_positions:
+            raise ValueError(
+                f"spikes has {spikes.shape[1]} bins but the position table holds num_bins + num_forward_bins "
+                f"= {c.num_positions}; crop the trial or build the config with a larger num_bins."
+            )
+        return spikes if torch.is_floating_point(spikes) else spikes.float()
+
+    def _heldout_zeros(self, spikes: torch.Tensor) -> torch.Tensor:
+        n_out = self.config.num_heldout_neurons
+        return F.pad(spikes, (0, n_out)) if n_out else spikes  # (B, T, N_in) -> (B, T, N)
+
+    def _use_fast_path(self) -> bool:
+        impl = self.config._attn_implementation or "sdpa"
+        return impl == "sdpa" and not self.training and not torch.is_grad_enabled()
+
+    def _fast_encode(self, counts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Inference path: counts (B, T, N) -> normed states (B, T, D); mask as attention_bias.
+
+        Same computation as the module path in eval mode, written against the raw weights:
+        one fused QKV matmul per layer, SDPA with no mask at full context, no dropout calls.
+        """
+        emb = self.embeddings
+        B, T, _ = counts.shape
+        pos = emb.position_emb.weight[:T]  # (T, D)
+        if emb.kind == "identity":
+            x = torch.add(pos, counts, alpha=emb.scale)  # (B, T, D): pos + sqrt(D) * counts
+        else:
+            x = emb.embed_counts(counts) * emb.scale + pos
+        D = x.shape[-1]
+        shape = (D,)
+        for layer in self.layers:
+            attn, ffn = layer.self_attn, layer.ffn
+            y = F.layer_norm(x, shape, layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+            qkv = F.linear(y, attn.qkv_proj.weight, attn.qkv_proj.bias)  # (B, T, 3D)
+            q, k, v = qkv.view(B, T, 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, Dh)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # (B, H, T, Dh)
+            x = x + F.linear(o.transpose(1, 2).reshape(B, T, D), attn.o_proj.weight, attn.o_proj.bias)
+            y = F.layer_norm(x, shape, layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+            h = F.linear(y, ffn.fc1.weight, ffn.fc1.bias)  # (B, T, I)
+            h = F.relu(h) if ffn.activation == "relu" else F.gelu(h)
+            x = x + F.linear(h, ffn.fc2.weight, ffn.fc2.bias)
+        return F.layer_norm(x, shape, self.norm.weight, self.norm.bias, self.norm.eps)
+
+    def encode(self, counts: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """counts (B, T, N) with held-out channels already present (zeros) -> (B, T, D)."""
+        T = counts.shape[1]
+        mask = self.attention_bias(attention_mask, T, counts.device)
+        if self._use_fast_path():
+            return self._fast_encode(counts, mask)
+        impl = self.config._attn_implementation or "sdpa"
+        x = self.embeddings(counts)  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, mask, impl)
+        return self.norm(x)
+
+    def forward(
+        self,
+        spikes: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> NdtModelOutput:
+        spikes = self._check_spikes(spikes)
+        hidden = self.encode(self._heldout_zeros(spikes), attention_mask)
+        return NdtModelOutput(last_hidden_state=hidden)
+
+
+class NdtForMaskedModeling(NdtPreTrainedModel):
+    """NDT with its log-rate readout and the masked-modelling Poisson loss: the model users load.
+
+    Inputs:
+        spikes: (B, T, N_in) held-in counts (forward and padding bins zero).
+        attention_mask: optional (B, T), 1 for real bins (observed + forward), 0 for padding.
+            The last ``config.num_forward_bins`` real bins of each trial are its forward bins.
+        heldout_spikes: optional (B, T, N_out) or (B, T - F, N_out) held-out counts of the
+            observed bins (values at forward / padding bins are ignored). Always in the loss.
+        forward_spikes: optional (B, F, N) true counts of the forward bins, held-in then held-out
+            neurons. Always in the loss.
+        mask: ``None`` (default): mask bins when ``model.training``; ``True`` / ``False``: force
+            it on / off; a (B, T) bool tensor: mask exactly these observed bins (the entries are
+            still corrupted at random per ``mask_token_ratio`` / ``mask_random_ratio``).
+        generator: optional ``torch.Generator`` for the masking draws.
+
+    Masking (only observed real bins are ever masked): see :meth:`sample_mask`. The span ramp
+    reads ``self.mask_step``, a plain counter (not saved) advanced by one on every forward that
+    samples its own mask; set it (e.g. to ``trainer.state.global_step``) when resuming training.
+
+    The loss is the mean Poisson NLL with log input, ``exp(x) - y * x`` (torch's
+    ``poisson_nll_loss(log_input=True, full=False)``), over: held-in entries of masked bins (the
+    target is the uncorrupted ``spikes``), held-out entries of all observed bins (when
+    ``heldout_spikes`` is given) and all entries of the forward bins (when ``forward_spikes`` is
+    given). With nothing to score (eval mode, no targets) ``loss`` is None.
+    """
+
+    # Our forward takes **kwargs but returns a plain mean loss: Trainer must divide by
+    # gradient-accumulation steps itself (hf-notes).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: NdtConfig):
+        super().__init__(config)
+        self.ndt = NdtModel(config)
+        self.readout_dropout = nn.Dropout(config.readout_dropout)
+        self.readout = _tag(nn.Linear(config.hidden_size, config.num_total_neurons), "readout")
+        self.mask_step = 0
+        self.post_init()
+
+    # -- masking ------------------------------------------------------------------------------
+    def sample_mask(
+        self,
+        maskable: torch.Tensor,
+        step: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Draw the bin mask of one batch: (mask (B, T) bool, span width).
+
+        With probability ``span_expand_probability(step, ramp_start, ramp_end)`` (and
+        ``mask_max_span > 1``) the batch uses one width ``w ~ U{1..mask_max_span}``, else ``w = 1``;
+        seeds are Bernoulli(``mask_ratio / w``) on ``maskable`` and each covers ``w`` bins
+        (reference ``Masker.mask_batch``, mode "timestep"). ``step`` defaults to ``self.mask_step``.
+        """
+        c = self.config
+        step = self.mask_step if step is None else step
+        p = span_expand_probability(step, c.mask_span_ramp_start, c.mask_span_ramp_end)
+        width = 1
+        if c.mask_max_span > 1 and p > 0.0:
+            if torch.rand((), device=maskable.device, generator=generator).item() < p:
+                width = int(torch.randint(1, c.mask_max_span + 1, (), device=maskable.device, generator=generator))
+        return sample_bin_mask(maskable, c.mask_ratio, width, generator), width
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        spikes: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        heldout_spikes: torch.Tensor | None = None,
+        forward_spikes: torch.Tensor | None = None,
+        mask: bool | torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> NdtMaskedModelingOutput:
+        c = self.config
+        spikes = self.ndt._check_spikes(spikes)
+        B, T, _ = spikes.shape
+        device = spikes.device
+        F_ = c.num_forward_bins
+
+        bin_mask = None
+        observed = None
+        needs_layout = mask is not None and mask is not False or self.training and mask is None
+        needs_layout = needs_layout or (return_loss and (heldout_spikes is not None or forward_spikes is not None))
+        if needs_layout:
+            lengths = _trial_lengths(attention_mask, B, T, device)  # (B,)
+            n_obs = lengths - F_  # (B,) observed bins per trial
+            if bool((n_obs < 1).any()):
+                raise ValueError(
+                    f"every trial needs at least one observed bin, but a trial has {int(lengths.min())} real bins "
+                    f"and num_forward_bins is {F_}; check attention_mask (1 for observed and forward bins)."
+                )
+            pos = torch.arange(T, device=device)
+            observed = pos[None, :] < n_obs[:, None]  # (B, T)
+
+        inputs = spikes
+        if isinstance(mask, torch.Tensor):
+            if mask.shape != (B, T):
+                raise ValueError(f"mask must be a (B, T) = {(B, T)} bool tensor of bins, got {tuple(mask.shape)}.")
+            bin_mask = mask.bool() & observed
+        elif mask is True or (mask is None and self.training):
+            bin_mask, _ = self.sample_mask(observed, generator=generator)
+            if mask is None:
+                self.mask_step += 1
+        if bin_mask is not None:
+            inputs, _, _ = replace_masked_entries(
+                spikes, bin_mask, c.mask_token_ratio, c.mask_random_ratio, generator
+            )
+
+        hidden = self.ndt.encode(self.ndt._heldout_zeros(inputs), attention_mask)  # (B, T, D)
+        log_rates = self.readout(self.readout_dropout(hidden))  # (B, T, N)
+
+        loss = None
+        if return_loss and (bin_mask is not None or heldout_spikes is not None or forward_spikes is not None):
+            loss = self.loss_function(log_rates, spikes, bin_mask, observed, heldout_spikes, forward_spikes, n_obs)
+        return NdtMaskedModelingOutput(
+            loss=loss,
+            log_rates=log_rates,
+            rates=log_rates.exp(),
+            mask=bin_mask,
+            last_hidden_state=hidden,
+        )
+
+    def loss_function(
+        self,
+        log_rates: torch.Tensor,
+        spikes: torch.Tensor,
+        bin_mask: torch.Tensor | None,
+        observed: torch.Tensor,
+        heldout_spikes: torch.Tensor | None,
+        forward_spikes: torch.Tensor | None,
+        n_obs: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean Poisson NLL (log input, no Stirling term) over the scored entries; see the class
+        docstring. Returns 0 (with a graph) when no entry is scored."""
+        c = self.config
+        B, T, N = log_rates.shape
+        n_in, F_ = c.num_neurons, c.num_forward_bins
+        targets = torch.zeros_like(log_rates)  # (B, T, N)
+        scored = torch.zeros(B, T, N, dtype=torch.bool, device=log_rates.device)
+        if bin_mask is not None:
+            targets[..., :n_in] = spikes.to(targets.dtype)
+            scored[..., :n_in] |= bin_mask[..., None]
+        if heldout_spikes is not None and c.num_heldout_neurons:
+            h = heldout_spikes.to(targets.dtype)
+            if h.dim() != 3 or h.shape[0] != B or h.shape[2] != c.num_heldout_neurons or h.shape[1] not in (T, T - F_):
+                raise ValueError(
+                    f"heldout_spikes must be (B, T, N_out) = ({B}, {T}, {c.num_heldout_neurons}) or (B, T - F, N_out) "
+                    f"= ({B}, {T - F_}, {c.num_heldout_neurons}), got {tuple(heldout_spikes.shape)}."
+                )
+            targets[:, : h.shape[1], n_in:] = h
+            scored[..., n_in:] |= observed[..., None]
+        if forward_spikes is not None and F_:
+            f = forward_spikes.to(targets.dtype)
+            if tuple(f.shape) != (B, F_, N):
+                raise ValueError(
+                    f"forward_spikes must be (B, F, N) = ({B}, {F_}, {N}): the forward bins' counts of the held-in "
+                    f"then held-out neurons; got {tuple(forward_spikes.shape)}."
+                )
+            rows = n_obs[:, None] + torch.arange(F_, device=log_rates.device)  # (B, F) positions of forward bins
+            batch = torch.arange(B, device=log_rates.device)[:, None]  # (B, 1)
+            targets[batch, rows] = f
+            scored[batch, rows] = True
+        x, y = log_rates[scored], targets[scored]  # (S,) scored entries
+        nll = F.poisson_nll_loss(x, y, log_input=True, full=False, reduction="sum")
+        return nll / max(x.numel(), 1)
+
+
+__all__ = [
+    "NdtPreTrainedModel",
+    "NdtModel",
+    "NdtForMaskedModeling",
+    "NdtModelOutput",
+    "NdtMaskedModelingOutput",
+    "NdtAttention",
+    "banded_attention_mask",
+    "expand_spans",
+    "sample_bin_mask",
+    "replace_masked_entries",
+    "span_expand_probability",
+]
