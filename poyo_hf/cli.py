@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("poyo_hf.demo", "load a preset, tokenize spikes and decode them (smoke test)"),
     "data": ("poyo_hf.data.cli", "dataset tools: convert (NWB / arrays / binned counts), synth"),
+    "pretrain": ("poyo_hf.training.pretrain", "multi-session POYO pretraining with Accelerate"),
+    "evaluate": ("poyo_hf.training.evaluate", "stitched R^2 of a checkpoint beside the Wiener filter"),
     "bench": ("poyo_hf.bench", "benchmarks: model, data, ... (prints a table; --json)"),
 }
 
