@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("poyo_hf.bench.model", "POYO training steps/s and batch-1 latency, side by side with torch_brain"),
+    "data": ("poyo_hf.bench.data", "Arrow collator vs with_format('torch'): windows/s and spikes/s"),
 }
 
 

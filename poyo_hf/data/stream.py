@@ -135,8 +135,10 @@ class PoyoWindowStream(torch.utils.data.IterableDataset):
             return
         ds = self.dataset
         if self.train and hasattr(ds, "shuffle"):
+            # Shuffle the shard (file) order only: windows are shuffled by our own window
+            # buffer, and a row buffer here costs an Arrow `take` per row for nothing.
             try:
-                ds = ds.shuffle(seed=self.seed + self.epoch, buffer_size=64)
+                ds = ds.shuffle(seed=self.seed + self.epoch, buffer_size=1)
             except TypeError:  # a map-style Dataset: shuffle(seed=...) only
                 ds = ds.shuffle(seed=self.seed + self.epoch)
         yield from iter_segments(ds)

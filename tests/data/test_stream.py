@@ -1,0 +1,142 @@
+"""Streaming segment datasets into POYO batches: from a folder and from a Hub repo id, several
+sessions mixed, split across processes, and resumed exactly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from poyo_hf import PoyoProcessor
+from poyo_hf.data.io import write_dataset
+from poyo_hf.data.stream import PoyoWindowStream, iter_segments, load_segments_dataset, mix_datasets
+from poyo_hf.data.synthetic import SimulatorConfig, simulate_corpus
+from poyo_hf.data.windows import UnitDropout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    recs = simulate_corpus(SimulatorConfig.small(seed=5))
+    out = tmp_path_factory.mktemp("stream") / "ds"
+    write_dataset(recs, out, max_segment_s=15.0)
+    proc = PoyoProcessor(sequence_length=1.0)
+    for r in recs:
+        proc.add_session(r.session_id, list(r.unit_ids))
+    return out, recs, proc
+
+
+def test_stream_from_a_folder_yields_every_spike_of_the_split(corpus):
+    folder, recs, proc = corpus
+    ds = load_segments_dataset(folder, "train", streaming=True)
+    segs = list(iter_segments(ds))
+    assert {s.session_id for s in segs} == {r.session_id for r in recs}
+    # Spikes of the streamed train segments are exactly the recording's train-split spikes.
+    for rec in recs:
+        mine = np.concatenate([s.spike_times for s in segs if s.session_id == rec.session_id])
+        starts, ends = rec.splits["train"]
+        inside = np.zeros(rec.spike_times.size, bool)
+        for a, b in zip(starts, ends):
+            inside |= (rec.spike_times >= a) & (rec.spike_times < b)
+        np.testing.assert_array_equal(np.sort(mine), rec.spike_times[inside])
+    batch = next(iter(PoyoWindowStream(ds, proc, batch_size=4, shuffle_buffer=8)))
+    assert batch["input_unit_index"].shape[0] == 4 and batch["labels"].shape[-1] == 2
+
+
+def test_missing_split_is_a_clear_error(corpus):
+    folder, _, _ = corpus
+    with pytest.raises(ValueError, match="no 'holdout' split"):
+        load_segments_dataset(folder, "holdout")
+
+
+def test_mixing_sessions_with_interleave_datasets(corpus):
+    folder, recs, proc = corpus
+    per_session = [
+        load_segments_dataset(folder, "train", streaming=True).filter(lambda r, s=r.session_id: r["session_id"] == s)
+        for r in recs[:2]
+    ]
+    mixed = mix_datasets(per_session, probabilities=[0.5, 0.5], seed=0)
+    seen = [s.session_id for s in iter_segments(mixed)]
+    assert set(seen) == {recs[0].session_id, recs[1].session_id}
+    # Both sources are visited before either is exhausted (interleaving, not concatenation).
+    first = seen.index(recs[1].session_id)
+    assert first < len([x for x in seen if x == recs[0].session_id])
+    with pytest.raises(ValueError, match="probabilities"):
+        mix_datasets(per_session, probabilities=[1.0])
+
+
+def test_split_dataset_by_node_partitions_the_shards(corpus):
+    folder, _, _ = corpus
+    ds = load_segments_dataset(folder, "train", streaming=True)
+    rank0 = [(s.session_id, s.start) for s in iter_segments(split_dataset_by_node(ds, rank=0, world_size=2))]
+    rank1 = [(s.session_id, s.start) for s in iter_segments(split_dataset_by_node(ds, rank=1, world_size=2))]
+    every = [(s.session_id, s.start) for s in iter_segments(ds)]
+    assert rank0 and rank1 and not set(rank0) & set(rank1)
+    assert sorted(rank0 + rank1) == sorted(every)
+
+
+def test_streamed_training_resumes_exactly(corpus):
+    folder, _, proc = corpus
+    drop = UnitDropout(min_units=10, mode_units=20, max_units=40)
+
+    def stream():
+        ds = load_segments_dataset(folder, "train", streaming=True)
+        return PoyoWindowStream(ds, proc, batch_size=4, unit_dropout=drop, shuffle_buffer=16, seed=9)
+
+    full = list(stream())
+    s = stream()
+    it = iter(s)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(s.state_dict()))  # survives a JSON round trip
+    resumed = stream()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 3
+    for a, b in zip(rest, full[3:]):
+        for k in a:
+            assert torch.equal(torch.nan_to_num(a[k]), torch.nan_to_num(b[k])), k
+
+
+def test_stream_from_a_hub_repo_id_into_batches(corpus, tmp_path):
+    """Push the folder to the loopback Hub, then stream it by repo id into collated batches
+    (in a subprocess: the Hub clients read HF_ENDPOINT when imported)."""
+    from poyo_hf.testing import hub_server
+    from poyo_hf.testing.hub_env import hub_environment
+
+    folder, recs, _ = corpus
+    code = f"""
+import json, torch
+from poyo_hf import PoyoProcessor
+from poyo_hf.data.io import push_dataset_to_hub
+from poyo_hf.data.stream import PoyoWindowStream, load_segments_dataset
+from poyo_hf.training.corpus import Corpus
+push_dataset_to_hub({str(folder)!r}, "tester/synthetic-spikes")
+corpus = Corpus.from_sources(["tester/synthetic-spikes"])
+proc = PoyoProcessor(sequence_length=1.0)
+for s in corpus.sessions:
+    proc.add_session(s["session_id"], s["unit_ids"])
+ds = load_segments_dataset("tester/synthetic-spikes", "train", streaming=True)
+n_windows = n_spikes = 0
+for b in PoyoWindowStream(ds, proc, batch_size=8, train=False):
+    n_windows += b["input_unit_index"].shape[0]
+    n_spikes += int((b["input_mask"] & (b["input_token_type"] == 0)).sum())
+local = PoyoWindowStream(load_segments_dataset({str(folder)!r}, "train", streaming=True), proc, batch_size=8, train=False)
+print("RESULT=" + json.dumps({{"windows": n_windows, "spikes": n_spikes,
+    "local_windows": sum(b["input_unit_index"].shape[0] for b in local), "sessions": len(corpus.sessions)}}))
+"""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    with hub_server.serve_hub() as server:
+        res = subprocess.run([sys.executable, "-c", code], env=hub_environment(server.url, home), cwd=cwd,
+                             capture_output=True, text=True, timeout=300)
+    lines = [x for x in res.stdout.splitlines() if x.startswith("RESULT=")]
+    assert res.returncode == 0 and lines, res.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT="):])
+    assert out["sessions"] == len(recs)
+    assert out["windows"] == out["local_windows"] > 0 and out["spikes"] > 0
