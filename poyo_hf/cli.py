@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs, so
 # `poyo-hf --help` stays fast and a missing optional extra only breaks its own command.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("poyo_hf.quickstart", "the main job: synthetic + real data, pretrain, evaluate, reload (CPU, <10 min)"),
     "demo": ("poyo_hf.demo", "load a preset, tokenize spikes and decode them (smoke test)"),
     "data": ("poyo_hf.data.cli", "dataset tools: convert (NWB / arrays / binned counts), synth"),
     "pretrain": ("poyo_hf.training.pretrain", "multi-session POYO pretraining with Accelerate"),

@@ -41,7 +41,7 @@ def test_demo_runs_and_round_trips():
 
 
 def test_bench_model_prints_a_table_and_json():
-    res = run_cli("bench", "model", "--steps", "1", "--latency-runs", "2", "--json")
+    res = run_cli("bench", "model", "--steps", "1", "--latency-runs", "2", "--windows", "4", "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     result = json.loads(lines[-1])

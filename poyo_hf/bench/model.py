@@ -84,9 +84,9 @@ def _weighted_mse(pred, labels, mask):
     return (w * sq).sum() / w.sum()
 
 
-def run(preset: str = "poyo-mp", steps: int = 5, latency_runs: int = 50, threads: int = 2) -> dict:
+def run(preset: str = "poyo-mp", steps: int = 5, latency_runs: int = 50, threads: int = 2, n_windows: int = 32) -> dict:
     set_threads(threads)
-    windows = benchmark_batch()
+    windows = benchmark_batch(n_windows=n_windows)
     model, proc = _ours(preset, windows)
     batch = dict(proc(windows))
     one = dict(proc(windows[:1]))
@@ -164,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 forward passes")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=32, help="windows in the training batch (the benchmark uses 32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.latency_runs < 1 or args.threads < 1:
-        parser.error("--steps, --latency-runs and --threads must be >= 1")
-    r = run(args.preset, args.steps, args.latency_runs, args.threads)
+    if args.steps < 1 or args.latency_runs < 1 or args.threads < 1 or args.windows < 1:
+        parser.error("--steps, --latency-runs, --threads and --windows must be >= 1")
+    r = run(args.preset, args.steps, args.latency_runs, args.threads, args.windows)
     rows = [["poyo_hf", r["ours_train_steps_per_s"], r["ours_latency_p50_ms"], r["ours_latency_p99_ms"]]]
     if "ref_train_steps_per_s" in r:
         rows.append(["torch_brain 0.2.1", r["ref_train_steps_per_s"], r["ref_latency_p50_ms"], r["ref_latency_p99_ms"]])
