@@ -242,6 +242,7 @@ def test_presets_load_by_name_with_the_spec_sizes():
     assert (one.hidden_size, one.num_hidden_layers, one.num_latents_per_step) == (128, 24, 32)
     assert (one.num_cross_attention_heads, one.num_self_attention_heads) == (4, 8)
     assert single.unit_dropout_max == 1000 and mp.num_latents == 128 and one.num_latents == 256
+    assert PoyoConfig.from_pretrained("poyo-1").to_dict() == one.to_dict()
 
     def trunk_params(cfg):
         m = PoyoForDecoding(cfg)

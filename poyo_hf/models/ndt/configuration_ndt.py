@@ -14,7 +14,10 @@ import functools
 import math
 
 from huggingface_hub.dataclasses import strict
-from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from huggingface_hub.errors import (
+    StrictDataclassClassValidationError,
+    StrictDataclassFieldValidationError,
+)
 from transformers import PreTrainedConfig
 
 NDT_EMBEDDINGS = ("identity", "count", "linear")
@@ -160,7 +163,7 @@ class NdtConfig(PreTrainedConfig):
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return (self.hidden_size or 0) // self.num_attention_heads
 
     @property
     def full_context(self) -> bool:
@@ -199,7 +202,8 @@ class NdtConfig(PreTrainedConfig):
         if self.embedding == "count" and self.hidden_size != n * self.count_embedding_dim:
             raise ValueError(
                 f"NdtConfig.hidden_size ({self.hidden_size}) must equal (num_neurons + num_heldout_neurons) * "
-                f"count_embedding_dim ({n * self.count_embedding_dim}) with the count embedding; leave hidden_size=None."
+                f"count_embedding_dim ({n * self.count_embedding_dim}) with the count embedding; "
+                "leave hidden_size=None."
             )
         if self.hidden_size is None or self.hidden_size < 1:
             raise ValueError(f"NdtConfig.hidden_size must be >= 1, got {self.hidden_size}.")
@@ -233,4 +237,4 @@ class NdtConfig(PreTrainedConfig):
                 raise ValueError(f"NdtConfig.{name} must be a finite number > 0, got {value}.")
 
 
-__all__ = ["NdtConfig", "NDT_EMBEDDINGS"]
+__all__ = ["NDT_EMBEDDINGS", "NdtConfig"]

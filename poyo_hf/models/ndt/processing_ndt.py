@@ -47,7 +47,7 @@ _EDGE_DECIMALS = 9  # (t - t0) / bin_size is rounded to 1e-9 bins before floorin
 def _whole_bins(length: float, bin_size: float, what: str) -> int:
     """Number of bins in ``length`` seconds; a ValueError if ``bin_size`` does not divide it."""
     n = length / bin_size
-    k = int(round(n))
+    k = round(n)
     if abs(n - k) > 1e-6 or k < 1:
         lower = max(k, 1) * bin_size
         raise ValueError(
@@ -84,7 +84,8 @@ class NdtProcessor(FeatureExtractionMixin):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        if isinstance(bin_size, bool) or not isinstance(bin_size, (int, float)) or not np.isfinite(bin_size) or bin_size <= 0:
+        numeric = isinstance(bin_size, (int, float)) and not isinstance(bin_size, bool)
+        if not numeric or not np.isfinite(bin_size) or bin_size <= 0:
             raise ValueError(f"bin_size must be a finite number of seconds > 0, got {bin_size!r}.")
         if num_bins is not None and (not isinstance(num_bins, int) or num_bins < 1):
             raise ValueError(f"num_bins must be None or an int >= 1, got {num_bins!r}.")
@@ -103,7 +104,8 @@ class NdtProcessor(FeatureExtractionMixin):
         self.num_heldout_neurons = self._count("num_heldout_neurons", num_heldout_neurons, self.heldout_unit_ids)
         if self.num_neurons < 1:
             raise ValueError(
-                "NdtProcessor needs num_neurons >= 1 (or heldin_unit_ids); build it with NdtProcessor.from_config(config)."
+                "NdtProcessor needs num_neurons >= 1 (or heldin_unit_ids); build it with "
+                "NdtProcessor.from_config(config)."
             )
         self._column = {u: i for i, u in enumerate(all_ids)}
 
@@ -131,7 +133,7 @@ class NdtProcessor(FeatureExtractionMixin):
         heldin_unit_ids: Sequence[str] | None = None,
         heldout_unit_ids: Sequence[str] | None = None,
         **kwargs: Any,
-    ) -> "NdtProcessor":
+    ) -> NdtProcessor:
         """A processor that agrees with ``config`` (bin width, bins, neuron counts), optionally
         with the unit ids of its held-in and held-out channels."""
         if heldin_unit_ids is not None and len(heldin_unit_ids) != config.num_neurons:
@@ -440,7 +442,8 @@ class NdtProcessor(FeatureExtractionMixin):
         has_f = [("forward_spikes" in it) for it in items]
         for name, flags in (("heldout_spikes", has_h), ("forward_spikes", has_f)):
             if any(flags) and not all(flags):
-                raise ValueError(f"either every trial has {name} or none does (trials {[i for i, f in enumerate(flags) if not f][:5]} lack it).")
+                lacking = [i for i, f in enumerate(flags) if not f][:5]
+                raise ValueError(f"either every trial has {name} or none does (trials {lacking} lack it).")
         if all(has_h) and self.num_heldout_neurons:
             batch["heldout_spikes"] = np.zeros((B, T, self.num_heldout_neurons), np.float32)
         if all(has_f) and F_:

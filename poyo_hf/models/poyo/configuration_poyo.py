@@ -230,6 +230,17 @@ class PoyoConfig(PreTrainedConfig):
             raise ValueError(f"PoyoConfig.preset {self.preset!r} unknown; choose from {sorted(POYO_PRESETS)}.")
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also accepts a preset name (``"poyo-mp"``, ``"poyo-1"``, ``"poyo-single"``) when no
+        local folder of that name exists."""
+        import os
+
+        name = str(pretrained_model_name_or_path)
+        if name in POYO_PRESETS and not os.path.isdir(name):
+            return cls.from_preset(name, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "PoyoConfig":
         """Build a config from a named preset: ``poyo-mp``, ``poyo-1`` or ``poyo-single``.
 
