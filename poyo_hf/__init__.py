@@ -6,6 +6,7 @@ Importing the package registers the models with the transformers Auto classes (o
 from importlib.metadata import PackageNotFoundError, version
 
 from ._registration import register_auto_classes
+from .models.ndt import NdtConfig, NdtForMaskedModeling, NdtModel, NdtProcessor
 from .models.poyo import (
     POYO_PRESETS,
     PoyoConfig,
@@ -25,6 +26,10 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 register_auto_classes()
 
 __all__ = [
+    "NdtConfig",
+    "NdtForMaskedModeling",
+    "NdtModel",
+    "NdtProcessor",
     "POYO_PRESETS",
     "PoyoConfig",
     "PoyoDecodingOutput",

@@ -37,4 +37,8 @@ def register_auto_classes() -> None:
     PoyoConfig.register_for_auto_class()
     PoyoForDecoding.register_for_auto_class("AutoModel")
     PoyoProcessor.register_for_auto_class("AutoFeatureExtractor")
+
+    from .models.ndt_registration import register_ndt_auto_classes
+
+    register_ndt_auto_classes()
     _DONE = True

@@ -8,6 +8,7 @@ import sys
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("poyo_hf.bench.model", "POYO training steps/s and batch-1 latency, side by side with torch_brain"),
+    "ndt": ("poyo_hf.bench.ndt", "NDT batch-1 latency on an MC_Maze-sized trial vs a stock TransformerEncoder"),
     "data": ("poyo_hf.bench.data", "Arrow collator vs with_format('torch'): windows/s and spikes/s"),
 }
 

@@ -51,12 +51,15 @@ from .configuration_ndt import NdtConfig
 
 _ONEDNN_LINEAR: Any
 _ONEDNN_LINEAR_ADD: Any
+_ONEDNN_PACK: Any
 try:  # oneDNN's fused linear (bias + ReLU / residual add): about 2x faster than the MKL addmm
     # behind F.linear for these shapes on the AMD EPYC CPUs we bench on. Inference only (no autograd).
     _ONEDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
     _ONEDNN_LINEAR_ADD = torch.ops.mkldnn._linear_pointwise.binary
+    # Weights pre-packed into oneDNN's blocked layout skip a reorder on every call.
+    _ONEDNN_PACK = torch.ops.mkldnn._reorder_linear_weight.default
 except (AttributeError, RuntimeError):  # torch built without oneDNN
-    _ONEDNN_LINEAR = _ONEDNN_LINEAR_ADD = None
+    _ONEDNN_LINEAR = _ONEDNN_LINEAR_ADD = _ONEDNN_PACK = None
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
@@ -514,6 +517,14 @@ class NdtModel(NdtPreTrainedModel):
     def _layers(self) -> list[NdtLayer]:
         return list(self.layers)  # type: ignore[arg-type]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The inference caches are derived data (and hold oneDNN-packed tensors, which cannot be
+        # copied or pickled): deepcopy / pickle get a model that rebuilds them on first use.
+        state = dict(super().__getstate__())
+        state["_mask_cache"] = {}
+        state["_weight_cache"] = None
+        return state
+
     # -- masks ------------------------------------------------------------------------------
     def band_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
         """The (T, T) banded context mask, built once per (T, device) and cached (None = full)."""
@@ -562,6 +573,7 @@ class NdtModel(NdtPreTrainedModel):
         in-place edits, ``.to()`` and state-dict loads are all seen). Derived tensors:
 
         * wq, bq: the query rows of the QKV projection times ``Dh ** -0.5`` (the softmax scale);
+        * wq, wo, w1, w2 are pre-packed into oneDNN's blocked layout (only ever used as weights);
         * wkv: the key and value rows (a view, no copy); the key bias is dropped, exactly: it adds
           ``q . b_k`` to every score of a query row, which the softmax ignores;
         * bo: ``b_o + W_o b_v``: attention rows sum to one, so the value bias passes through the
@@ -575,6 +587,12 @@ class NdtModel(NdtPreTrainedModel):
                     params.extend(leaf._parameters.values())  # type: ignore[union-attr]
         key = tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
         if self._weight_cache is None or self._weight_cache[0] != key:
+            rows = self.config.num_positions
+
+            def pack(w: torch.Tensor) -> torch.Tensor:  # a weight used only as lp's weight argument
+                w = w.detach().contiguous()
+                return w if _ONEDNN_PACK is None else _ONEDNN_PACK(w, rows)
+
             prepared = []
             with torch.no_grad():
                 for layer in self._layers():
@@ -585,16 +603,16 @@ class NdtModel(NdtPreTrainedModel):
                         _LayerWeights(
                             layer.norm1.weight,
                             layer.norm1.bias,
-                            wq=(w[:D] * attn.scaling).contiguous(),
+                            wq=pack(w[:D] * attn.scaling),
                             bq=(b[:D] * attn.scaling).contiguous(),
-                            wkv=w[D:].contiguous(),
-                            wo=attn.o_proj.weight.contiguous(),
+                            wkv=w[D:].detach().contiguous(),  # used as lp's input: plain layout
+                            wo=pack(attn.o_proj.weight),
                             bo=torch.addmv(attn.o_proj.bias, attn.o_proj.weight, b[2 * D :]),
                             norm2_weight=layer.norm2.weight,
                             norm2_bias=layer.norm2.bias,
-                            w1=ffn.fc1.weight.contiguous(),
+                            w1=pack(ffn.fc1.weight),
                             b1=ffn.fc1.bias,
-                            w2=ffn.fc2.weight.contiguous(),
+                            w2=pack(ffn.fc2.weight),
                             b2=ffn.fc2.bias,
                         )
                     )
@@ -678,10 +696,12 @@ class NdtModel(NdtPreTrainedModel):
         for n1w, n1b, wq, bq, wkv, wo, bo, n2w, n2b, w1, b1, w2, b2 in self._inference_weights():
             y = F.layer_norm(x, shape, n1w, n1b, eps)  # (T, D)
             q = lin(y, wq, bq, "none", [], "")  # (T, D)
+            if H > 1:
+                q = q.view(-1, H, Dh).transpose(0, 1).contiguous()  # (H, T, Dh): one copy, contiguous heads
             kv_t = lin(wkv, y, None, "none", [], "")  # (2D, T): K^T rows, then V^T rows
             heads = []
             for i in range(H):
-                q_h = q[:, i * Dh : (i + 1) * Dh]  # (T, Dh)
+                q_h = q[i] if H > 1 else q  # (T, Dh)
                 k_h = kv_t[i * Dh : (i + 1) * Dh].t()  # (T, Dh), a transposed view of a contiguous block
                 if bias is None:
                     scores = lin(q_h, k_h, None, "none", [], "")  # (T, T) = q_h k_h^T
