@@ -4,6 +4,7 @@ gradients, save/load, remote code, the committed fixture and a Trainer smoke run
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import math
 import os
 import subprocess
@@ -382,7 +383,7 @@ def test_tfixup_and_readout_init_ranges():
 
 
 def test_committed_fixture_reproduces_its_golden_log_rates(tmp_path):
-    from conftest import FIXTURES
+    FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
     golden = json.loads((FIXTURES / "tiny_ndt_golden.json").read_text())
     model = AutoModel.from_pretrained(FIXTURES / "tiny-ndt")
@@ -463,7 +464,7 @@ def test_trust_remote_code_loads_in_a_process_without_poyo_hf(tmp_path, rng):
 
 
 def test_trainer_runs_three_steps_on_the_fixture(tmp_path, rng):
-    from conftest import FIXTURES
+    FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
     from transformers import Trainer, TrainingArguments
 
     model = AutoModel.from_pretrained(FIXTURES / "tiny-ndt")

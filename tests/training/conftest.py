@@ -2,31 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from poyo_hf.data.io import write_dataset
 from poyo_hf.data.synthetic import SimulatorConfig, simulate_corpus
-
-# A model small enough that a training step takes milliseconds on the CPU.
-TINY_OVERRIDES = json.dumps(
-    {
-        "hidden_size": 32,
-        "num_hidden_layers": 1,
-        "num_latents_per_step": 4,
-        "num_cross_attention_heads": 1,
-        "num_self_attention_heads": 2,
-        "head_dim": 32,
-        "ffn_mult": 2,
-        "attention_dropout": 0.0,
-        "lin_dropout": 0.0,
-        "ffn_dropout": 0.0,
-        "unit_dropout_min": 10,
-        "unit_dropout_mode": 30,
-        "unit_dropout_max": 60,
-    }
-)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from training_helpers import TINY_OVERRIDES
 from safetensors.torch import load_file
 
 from poyo_hf.training.evaluate import EvaluateArguments, evaluate
