@@ -17,12 +17,11 @@ Outputs in ``output_dir``: ``metrics.jsonl`` (every logged metric, one JSON obje
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

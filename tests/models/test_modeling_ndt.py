@@ -4,12 +4,12 @@ gradients, save/load, remote code, the committed fixture and a Trainer smoke run
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import TINY_OVERRIDES
 from safetensors.torch import load_file
+from training_helpers import TINY_OVERRIDES
 
 from poyo_hf.training.evaluate import EvaluateArguments, evaluate
 from poyo_hf.training.pretrain import PretrainArguments, train
