@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("poyo_hf.data.cli", "dataset tools: convert (NWB / arrays / binned counts), synth"),
     "pretrain": ("poyo_hf.training.pretrain", "multi-session POYO pretraining with Accelerate"),
     "evaluate": ("poyo_hf.training.evaluate", "stitched R^2 of a checkpoint beside the Wiener filter"),
+    "adapt": ("poyo_hf.training.adapt", "few-shot adaptation to a new session (unit identification / fine-tuning)"),
     "bench": ("poyo_hf.bench", "benchmarks: model, data, ... (prints a table; --json)"),
 }
 
