@@ -6,6 +6,7 @@ Importing the package registers the models with the transformers Auto classes (o
 from importlib.metadata import PackageNotFoundError, version
 
 from ._registration import register_auto_classes
+from .hub.loading import load_checkpoint
 from .models.ndt import NdtConfig, NdtForMaskedModeling, NdtModel, NdtProcessor
 from .models.poyo import (
     POYO_PRESETS,
@@ -38,5 +39,6 @@ __all__ = [
     "PoyoModelOutput",
     "PoyoPreTrainedModel",
     "PoyoProcessor",
+    "load_checkpoint",
     "register_auto_classes",
 ]

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("poyo_hf.data.cli", "dataset tools: convert (NWB / arrays / binned counts), synth"),
     "pretrain": ("poyo_hf.training.pretrain", "multi-session POYO pretraining with Accelerate"),
     "evaluate": ("poyo_hf.training.evaluate", "stitched R^2 of a checkpoint beside the Wiener filter"),
+    "publish": ("poyo_hf.hub.publish", "push a checkpoint to the Hub with a model card rendered from its results"),
     "adapt": ("poyo_hf.training.adapt", "few-shot adaptation to a new session (unit identification / fine-tuning)"),
     "bench": ("poyo_hf.bench", "benchmarks: model, data, ... (prints a table; --json)"),
 }

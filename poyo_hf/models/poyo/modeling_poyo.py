@@ -347,6 +347,31 @@ class PoyoDecodingOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------
 
 
+def _weights_path(name_or_path, kwargs: dict) -> str:
+    """Where ``from_pretrained`` read ``model.safetensors`` from, for error messages: the local
+    file, the cached download of a Hub file, or a description when neither can be found."""
+    import os
+
+    subfolder = kwargs.get("subfolder") or ""
+    if os.path.isdir(str(name_or_path)):
+        return os.path.join(str(name_or_path), subfolder, "model.safetensors")
+    try:
+        from transformers.utils import cached_file
+
+        path = cached_file(
+            str(name_or_path),
+            "model.safetensors",
+            subfolder=subfolder,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            local_files_only=True,
+            _raise_exceptions_for_missing_entries=False,
+        )
+    except Exception:  # the message must not fail while reporting another error
+        path = None
+    return path or f"model.safetensors of {str(name_or_path)!r}"
+
+
 class PoyoPreTrainedModel(PreTrainedModel):
     config: PoyoConfig
     config_class = PoyoConfig
@@ -357,6 +382,65 @@ class PoyoPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["PoyoEncoderLayer", "PoyoProcessorLayer", "PoyoDecoderLayer"]
+    # Tables whose rows the processor's vocabularies address: a size mismatch here is never a
+    # head to re-initialise but a checkpoint whose vocabulary and weights disagree.
+    _vocabulary_tables = ("unit_emb.weight", "session_emb.weight")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` that refuses inconsistent checkpoints clearly.
+
+        * A ``model.safetensors`` that cannot be read (truncated, corrupted) raises ``ValueError``
+          naming the file (safetensors' own error does not say which file it was reading).
+        * A unit or session embedding table whose shape disagrees with ``config.json``
+          (``unit_vocab_size`` / ``session_vocab_size``) raises ``ValueError``, also under
+          ``ignore_mismatched_sizes=True``: transformers would silently re-initialise the table,
+          and every unit id would then map to a random row.
+        * Other shape mismatches raise ``ValueError`` listing them unless
+          ``ignore_mismatched_sizes=True`` (then re-initialised, e.g. a new readout head).
+        """
+        ignore_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
+        want_info = bool(kwargs.pop("output_loading_info", False))
+        try:
+            # Always load with ignore_mismatched_sizes=True and decide here from the loading info:
+            # without it transformers raises a RuntimeError that only points at a printed report.
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **kwargs,
+            )
+        except Exception as err:
+            if type(err).__name__ == "SafetensorError":  # safetensors' Rust error type, matched by name
+                path = _weights_path(pretrained_model_name_or_path, kwargs)
+                raise ValueError(
+                    f"{path} cannot be read as safetensors ({err}): the file is truncated or corrupted. "
+                    "Download it again (from_pretrained(..., force_download=True)) or re-export the "
+                    "checkpoint with save_pretrained."
+                ) from err
+            raise
+        mismatched = sorted((str(k), tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys", ()))
+        vocab = [m for m in mismatched if m[0].endswith(cls._vocabulary_tables)]
+        if vocab:
+            details = "; ".join(f"{k}: {a[0]} rows in the weights, {b[0]} in config.json" for k, a, b in vocab)
+            raise ValueError(
+                f"checkpoint {str(pretrained_model_name_or_path)!r} is inconsistent: its embedding tables disagree "
+                f"with config.json ({details}). The vocabularies (preprocessor_config.json), config.json "
+                "(unit_vocab_size / session_vocab_size) and model.safetensors must describe the same rows; "
+                "re-export the model and processor together with save_pretrained after "
+                "model.grow_vocabularies(processor)."
+            )
+        if mismatched and not ignore_mismatched:
+            details = "; ".join(
+                f"{k}: {list(a)} in the weights vs {list(b)} from config.json" for k, a, b in mismatched
+            )
+            raise ValueError(
+                f"checkpoint {str(pretrained_model_name_or_path)!r}: weight shapes disagree with config.json "
+                f"({details}); fix config.json, or pass ignore_mismatched_sizes=True to re-initialise those "
+                "weights (e.g. a new readout head)."
+            )
+        return (model, info) if want_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
