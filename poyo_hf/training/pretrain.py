@@ -176,6 +176,7 @@ def train(args: PretrainArguments) -> dict[str, Any]:
     from .optim import LR_PER_SAMPLE, FlatThenCosine, build_optimizer
 
     _check_args(args)
+    t_start = time.perf_counter()  # wall time of this invocation, for training_info.json
     output_dir = Path(args.output_dir)
     corpus = Corpus.from_sources(args.datasets)  # validates the data before any training
     for split in ("train", args.eval_split):
@@ -374,10 +375,101 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         if args.plots:
             plots = plot_sessions(res, eval_segments, output_dir / "eval")
             results["plots"] = [str(p) for p in plots]
+            for plot in plots:  # the checkpoint carries its plots (publish uploads them with the card)
+                (final_dir / "eval").mkdir(exist_ok=True)
+                shutil.copy2(plot, final_dir / "eval" / plot.name)
+        info = training_info(
+            args,
+            corpus,
+            device=str(device),
+            processes=world,
+            precision=precision,
+            steps=step,
+            wall_seconds=time.perf_counter() - t_start,
+            train_windows_seen=step * global_batch,
+        )
+        write_results(final_dir / "training_info.json", info)
         logger.log({"step": step, "final_eval_r2": results["r2"], "final_wiener_r2": results.get("wiener_r2")})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def training_info(
+    args: PretrainArguments,
+    corpus: Any,
+    *,
+    device: str,
+    processes: int,
+    precision: str,
+    steps: int,
+    wall_seconds: float,
+    train_windows_seen: int,
+) -> dict[str, Any]:
+    """The ``training_info.json`` of an exported checkpoint (contract: /tmp/coord/INTERFACE.md).
+
+    Dataset provenance is read from each source's ``poyo_dataset.json`` (the per-session
+    ``source`` strings the converters and the simulator write) and its dataset card, never
+    typed here; a dataset counts as synthetic when every session says so (lab/species
+    ``synthetic`` or a ``source`` naming the simulator). ``train_windows_seen`` is exact:
+    every optimizer step sees ``global batch`` windows (the stream drops incomplete batches).
+    """
+    import dataclasses
+
+    import transformers
+
+    datasets = []
+    for src, summ in zip(corpus.sources, corpus.summaries):
+        sessions = summ["sessions"]
+        provenance = sorted({str(s.get("source") or "not stated") for s in sessions})
+        synthetic = bool(sessions) and all(
+            "synthetic" in (str(s.get("lab")), str(s.get("species"))) or "synthetic" in str(s.get("source", "")).lower()
+            for s in sessions
+        )
+        local = Path(src).is_dir()
+        datasets.append(
+            {
+                "source": src,
+                "repo_id": None if local else src,
+                "name": _dataset_pretty_name(src, local) or Path(src).name,
+                "provenance": "; ".join(provenance),
+                "synthetic": synthetic,
+                "n_sessions": len(sessions),
+                "n_units": int(summ.get("n_units", sum(int(s["n_units"]) for s in sessions))),
+                "n_spikes": int(summ.get("n_spikes", sum(int(s["n_spikes"]) for s in sessions))),
+                "duration_s": float(sum(float(s["duration_s"]) for s in sessions)),
+                "session_ids": [s["session_id"] for s in sessions],
+                "subjects": sorted({str(s.get("subject_id")) for s in sessions}),
+                "tasks": sorted({str(s.get("task")) for s in sessions}),
+            }
+        )
+    return {
+        "kind": "full-finetune" if args.init_from else "pretrain",
+        "base_model": args.init_from,
+        "base_revision": None,
+        "datasets": datasets,
+        "recipe": json.loads(json.dumps(dataclasses.asdict(args), default=str)),
+        "compute": {
+            "device": device,
+            "processes": processes,
+            "precision": {"no": "fp32"}.get(precision, precision),
+            "steps": steps,
+            "wall_seconds": float(wall_seconds),
+            "train_windows_seen": int(train_windows_seen),
+        },
+        "software": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def _dataset_pretty_name(src: str, local: bool) -> str | None:
+    """``pretty_name`` from a dataset's card (README.md YAML), if it has one."""
+    try:
+        from huggingface_hub import DatasetCard
+
+        card = DatasetCard.load(Path(src) / "README.md" if local else src, repo_type="dataset")
+        return getattr(card.data, "pretty_name", None)
+    except Exception:  # a card is optional; provenance comes from poyo_dataset.json
+        return None
 
 
 def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, stream: Any, limit: int) -> None:
