@@ -23,6 +23,15 @@ Where the time goes (single-trial path, ``NdtModel._fast_encode_single``): ~365 
 here), TorchScript (deprecated in torch 2.13; ~8% less Python overhead), SDPA or ``bmm`` for the
 attention (slower than two oneDNN matmuls per head at head dim 91), zero-padding heads to 96,
 folding the output projection into the values (fewer calls, more FLOPs: no gain).
+
+Side by side on synthetic sessions (``--quality-sessions``; skipped with ``--skip-quality``):
+the same simulated sessions (one dataset folder each) train one NDT per session
+(``poyo-hf pretrain --model ndt``: NDT models one session's neurons; 20 ms bins, 40 observed + 10
+forward bins, 25% of units held out) and one POYO on all of them (``poyo-hf pretrain``, the
+quickstart's CPU shape). On the test split: NDT's co-bps, fp-bps and vel R^2 (ridge from its
+rates, NLB style), NLB's spike-smoothing baseline (Gaussian-smoothed held-in counts, a Poisson GLM
+per held-out neuron; its co-bps shows how much co-smoothing signal the data hold), POYO's
+velocity R^2 (decoded directly, stitched) and the Wiener filter's.
 """
 
 from __future__ import annotations
@@ -130,6 +139,60 @@ def run(runs: int = 500, repeats: int = 5, threads: int = 2, band: int = 50, see
     return result
 
 
+NDT_QUALITY_OVERRIDES = {
+    "bin_size": 0.02, "num_bins": 40, "num_forward_bins": 10,
+    "embedding_dropout": 0.1, "attention_dropout": 0.1, "hidden_dropout": 0.1, "readout_dropout": 0.1,
+}
+
+
+def quality(out: str, sessions: int, ndt_steps: int, poyo_steps: int, seed: int = 0, trials: int = 100) -> dict:
+    """Train NDT (per session) and POYO (all sessions) on the same synthetic sessions; test-split metrics."""
+    import json
+    from pathlib import Path
+
+    from poyo_hf.bench.decode import build_sessions, run_one
+    from poyo_hf.training.corpus import Corpus
+    from poyo_hf.training.ndt_task import smoothing_baseline
+    from poyo_hf.training.pretrain import PretrainArguments, train
+
+    root = Path(out)
+    folders = build_sessions(root, 1, sessions, (120, 200), trials, seed)
+    poyo = run_one(folders, root / "poyo", poyo_steps, 16, seed, progress=False)
+    rows = []
+    for folder in folders:
+        corpus = Corpus.from_sources([folder])
+        sid = corpus.sessions[0]["session_id"]
+        overrides = dict(NDT_QUALITY_OVERRIDES)
+        heads = 2
+        run_dir = root / f"ndt_{Path(folder).name}"
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        n_units = len(corpus.sessions[0]["unit_ids"])
+        while n_units % heads:  # identity embedding: width = neurons, must split into heads
+            heads += 1
+        overrides["num_attention_heads"] = heads
+        res = train(PretrainArguments(
+            datasets=[folder], output_dir=str(run_dir), model="ndt", config_overrides=json.dumps(overrides),
+            max_steps=ndt_steps, batch_size=32, learning_rate=1e-3, seed=seed, eval_split="test",
+            progress=False, plots=False, logging_steps=100,
+        ))
+        from poyo_hf.models.ndt import NdtProcessor
+
+        proc = NdtProcessor.from_pretrained(run_dir / "model")
+        smooth = smoothing_baseline(proc, corpus.segments("test"), corpus.segments("train"))
+        rows.append({
+            "session_id": sid, "units": n_units,
+            "ndt_co_bps": res.get("co_bps"), "ndt_fp_bps": res.get("fp_bps"), "ndt_vel_r2": res["vel_r2"],
+            "smoothing_co_bps": smooth.get("co_bps"), "smoothing_vel_r2": smooth["vel_r2"],
+            "poyo_vel_r2": poyo["r2_per_session"][sid],
+            "wiener_vel_r2": poyo.get("wiener_r2_per_session", {}).get(sid),
+        })
+    return {"sessions": rows, "ndt_steps": ndt_steps, "poyo_steps": poyo_steps, "seed": seed,
+            "poyo_train_seconds": poyo["train_seconds"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poyo-hf bench ndt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,11 +200,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="repetitions of the whole measurement (min reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--band", type=int, default=50, help="context bins each side for the banded row (0: skip)")
+    parser.add_argument("--skip-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--skip-quality", action="store_true", help="skip the NDT vs POYO training comparison")
+    parser.add_argument("--quality-sessions", type=int, default=2, help="synthetic sessions for the comparison")
+    parser.add_argument("--quality-trials", type=int, default=100, help="trials per synthetic session")
+    parser.add_argument("--ndt-steps", type=int, default=2000, help="NDT training steps per session (batch 32)")
+    parser.add_argument("--poyo-steps", type=int, default=2500, help="POYO training steps (batch 16)")
+    parser.add_argument("--output-dir", default="runs/bench_ndt", help="data and runs of the comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.repeats < 1 or args.threads < 1 or args.band < 0:
         parser.error("--runs, --repeats and --threads must be >= 1 and --band >= 0")
-    r = run(args.runs, args.repeats, args.threads, args.band)
+    if min(args.quality_sessions, args.quality_trials, args.ndt_steps, args.poyo_steps) < 1:
+        parser.error("--quality-sessions, --quality-trials, --ndt-steps and --poyo-steps must be >= 1")
+    r: dict = {}
+    if not args.skip_quality:
+        set_threads(args.threads)
+        q = quality(args.output_dir, args.quality_sessions, args.ndt_steps, args.poyo_steps, 0, args.quality_trials)
+        r["quality"] = q
+        print(f"NDT vs POYO on {args.quality_sessions} synthetic sessions (test split; NDT {args.ndt_steps} steps per "
+              f"session, POYO {args.poyo_steps} steps on all)")
+        print_table(
+            ["session", "units", "NDT co-bps", "NDT fp-bps", "NDT vel R2", "smooth co-bps", "smooth vel R2",
+             "POYO vel R2", "Wiener R2"],
+            [[x["session_id"].split("/")[-1], x["units"], x["ndt_co_bps"], x["ndt_fp_bps"], x["ndt_vel_r2"],
+              x["smoothing_co_bps"], x["smoothing_vel_r2"], x["poyo_vel_r2"], x["wiener_vel_r2"]]
+             for x in q["sessions"]],
+        )
+        print()
+    if args.skip_latency:
+        if args.json:
+            emit_json(r)
+        return 0
+    r.update(run(args.runs, args.repeats, args.threads, args.band))
     names = [("ndt", "poyo_hf NDT (fused inference path)"), ("ndt_band", f"poyo_hf NDT, band +-{args.band}"),
              ("ndt_eager", "poyo_hf NDT, eager modules"), ("stock", "torch.nn.TransformerEncoder")]
     rows = [

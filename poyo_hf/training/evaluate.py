@@ -1,9 +1,13 @@
-"""``poyo-hf evaluate``: stitched R^2 of a checkpoint on a split, beside the Wiener filter.
+"""``poyo-hf evaluate``: stitched R^2 of a checkpoint on a split, beside the Wiener filter
+(NDT checkpoints: the NLB metrics co-bps, fp-bps and vel R^2).
 
 Sliding 1 s windows with a 0.5 s step over every segment of the split, predictions at the same
 timestamp averaged, R^2 per session on the task's eval samples, averaged over sessions; a
 Wiener filter fit per session on its train split is scored on exactly the same samples.
 Writes ``results.json`` and PNG plots of decoded vs true velocity to ``--output_dir``.
+
+An NDT checkpoint (``config.model_type == "ndt"``) is scored on its session's trials with the
+NLB metrics instead (:func:`poyo_hf.training.ndt_task.evaluate_ndt`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     model = AutoModel.from_pretrained(args.checkpoint, revision=args.revision)
     processor = AutoProcessor.from_pretrained(args.checkpoint, revision=args.revision)
     processor.check_config(model.config)
+    if model.config.model_type == "ndt":
+        return _evaluate_ndt(args, corpus, model, processor)
     missing = [s["session_id"] for s in corpus.sessions if s["session_id"] not in processor.session_vocab]
     if missing:
         raise ValueError(
@@ -65,7 +71,32 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     return results
 
 
+def _evaluate_ndt(args: EvaluateArguments, corpus: Any, model: Any, processor: Any) -> dict[str, Any]:
+    from .evaluation import write_results
+    from .ndt_task import evaluate_ndt
+
+    units = set(processor.heldin_unit_ids + processor.heldout_unit_ids)
+    sessions = [s["session_id"] for s in corpus.sessions if units <= set(s["unit_ids"])]
+    if not sessions:
+        raise ValueError(
+            f"no session of {args.datasets} has the checkpoint's {len(units)} units; an NDT model only "
+            "evaluates on the session (neurons) it was trained on."
+        )
+    segments = [s for s in corpus.segments(args.split) if s.session_id == sessions[0]]
+    if not segments:
+        raise ValueError(f"the {args.split!r} split of session {sessions[0]!r} is empty.")
+    results = evaluate_ndt(model, processor, segments, corpus.segments("train"), batch_size=args.batch_size,
+                           with_baseline=args.baseline)
+    results.update(checkpoint=args.checkpoint, dataset_sources=corpus.sources, split=args.split, model="ndt")
+    write_results(Path(args.output_dir) / "results.json", results)
+    return results
+
+
 def format_table(results: dict[str, Any]) -> str:
+    if results.get("model") == "ndt":
+        keys = [k for k in ("co_bps", "fp_bps", "vel_r2", "wiener_r2") if k in results]
+        return "\n".join([f"NDT on {results['session_id']} ({results['split']}):"] +
+                          [f"  {k:<10} {results[k]:8.4f}" for k in keys])
     rows = ["session                                   POYO R^2   Wiener R^2", "-" * 64]
     wiener = results.get("wiener_r2_per_session", {})
     for sid, r2 in sorted(results["r2_per_session"].items()):
