@@ -33,9 +33,15 @@ import torch
 class PretrainArguments:
     datasets: list[str] = field(metadata={"help": "dataset folders or Hub dataset repo ids (one or more)"})
     output_dir: str = field(metadata={"help": "where logs, checkpoints and the final model go"})
-    preset: str = field(default="poyo-mp", metadata={"help": "poyo-mp | poyo-1 | poyo-single"})
+    model: str = field(default="poyo", metadata={"help": "poyo | ndt (NDT models one session: see --session)"})
+    preset: str = field(default="poyo-mp", metadata={"help": "POYO preset: poyo-mp | poyo-1 | poyo-single"})
     config_overrides: str | None = field(
-        default=None, metadata={"help": 'JSON of PoyoConfig overrides, e.g. \'{"num_hidden_layers": 2}\''}
+        default=None,
+        metadata={"help": 'JSON of PoyoConfig (or NdtConfig) overrides, e.g. \'{"num_hidden_layers": 2}\''},
+    )
+    session: str | None = field(default=None, metadata={"help": "NDT: the session to model (when several)"})
+    ndt_heldout_fraction: float = field(
+        default=0.25, metadata={"help": "NDT: fraction of units held out for co-smoothing (seeded choice)"}
     )
     init_from: str | None = field(default=None, metadata={"help": "start from this checkpoint (folder or Hub id)"})
     max_steps: int = field(default=1000, metadata={"help": "optimizer steps"})
@@ -83,6 +89,8 @@ def _check_args(args: PretrainArguments) -> None:
         raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {args.mixed_precision!r}.")
     if args.in_memory not in ("auto", "yes", "no"):
         raise ValueError(f"--in_memory must be auto, yes or no, got {args.in_memory!r}.")
+    if args.model not in ("poyo", "ndt"):
+        raise ValueError(f"--model must be poyo or ndt, got {args.model!r}.")
     if args.eval_split not in ("valid", "test"):
         raise ValueError(f"--eval_split must be valid or test, got {args.eval_split!r}.")
 
@@ -128,7 +136,7 @@ def _run_signature(model_config: Any, args: PretrainArguments, world: int) -> di
     cfg = model_config.to_dict()
     for k in ("transformers_version", "_attn_implementation_autoset", "dtype", "architectures", "auto_map"):
         cfg.pop(k, None)
-    keep = ("datasets", "preset", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
+    keep = ("datasets", "model", "session", "ndt_heldout_fraction", "preset", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
             "weight_decay", "flat_fraction", "final_lr_ratio", "seed", "unit_dropout", "optimizer")
     return {"model_config": cfg, "args": {k: getattr(args, k) for k in keep}, "world_size": world}
 
@@ -197,7 +205,13 @@ def train(args: PretrainArguments) -> dict[str, Any]:
     )
     set_seed(args.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    model, processor = build_model_and_processor(args, corpus)
+    if args.model == "ndt":
+        from .ndt_task import build_ndt, ndt_session
+
+        ndt_sid = ndt_session(corpus, args.session)["session_id"]
+        model, processor = build_ndt(args, corpus)
+    else:
+        model, processor = build_model_and_processor(args, corpus)
     global_batch = args.batch_size * world * args.gradient_accumulation_steps
     lr = args.learning_rate if args.learning_rate is not None else LR_PER_SAMPLE * global_batch
 
@@ -226,23 +240,32 @@ def train(args: PretrainArguments) -> dict[str, Any]:
 
     # Data: each process reads its own share of the segments (in memory) or shards (streaming).
     in_memory = args.in_memory == "yes" or (args.in_memory == "auto" and corpus.local and corpus.n_spikes < 200_000_000)
-    if in_memory:
+    if args.model == "ndt":
+        from .ndt_task import NdtTrialStream, session_segments
+
+        # One session: every process reads all its segments and takes every world-th batch.
+        stream: Any = NdtTrialStream(
+            session_segments(corpus.segments("train"), ndt_sid), processor, args.batch_size,
+            seed=args.seed, rank=rank, world=world,
+        )
+    elif in_memory:
         train_ds: Any = corpus.segments("train")[rank::world]
     else:
         from datasets.distributed import split_dataset_by_node
 
         streams = [split_dataset_by_node(ds, rank=rank, world_size=world) for ds in corpus.streaming("train")]
         train_ds = mix_datasets(streams, seed=args.seed)
-    c = model.config
-    dropout = (
-        UnitDropout(c.unit_dropout_min, c.unit_dropout_mode, c.unit_dropout_max, c.unit_dropout_peak)
-        if args.unit_dropout
-        else None
-    )
-    stream = PoyoWindowStream(
-        train_ds, processor, batch_size=args.batch_size, train=True, unit_dropout=dropout,
-        shuffle_buffer=args.shuffle_buffer, seed=args.seed * 1000 + rank, drop_last=True,
-    )
+    if args.model == "poyo":
+        c = model.config
+        dropout = (
+            UnitDropout(c.unit_dropout_min, c.unit_dropout_mode, c.unit_dropout_max, c.unit_dropout_peak)
+            if args.unit_dropout
+            else None
+        )
+        stream = PoyoWindowStream(
+            train_ds, processor, batch_size=args.batch_size, train=True, unit_dropout=dropout,
+            shuffle_buffer=args.shuffle_buffer, seed=args.seed * 1000 + rank, drop_last=True,
+        )
 
     optimizer = build_optimizer(model, args.optimizer, lr, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -256,6 +279,8 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         state = json.loads((resume_from / "stream_state.json").read_text())
         stream.load_state_dict(state["stream"][str(rank)] if str(rank) in state["stream"] else state["stream"]["0"])
         step = int(state["step"])
+        if args.model == "ndt":  # the span-masking ramp reads the update counter (not saved in state)
+            accelerator.unwrap_model(model).mask_step = step * args.gradient_accumulation_steps
         accelerator.print(f"resumed from {resume_from} at step {step}")
 
     logger = JsonlLogger(output_dir / "metrics.jsonl", accelerator.is_main_process)
@@ -266,16 +291,24 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         if eval_segments is None:
             eval_segments = corpus.segments(args.eval_split)
             train_segments = corpus.segments("train")
+            if args.model == "ndt":
+                eval_segments = session_segments(eval_segments, ndt_sid)
         if not eval_segments:
             raise ValueError(f"the {args.eval_split!r} split is empty; nothing to evaluate.")
-        res = evaluate_decoder(accelerator.unwrap_model(model), processor, eval_segments, train_segments,
+        if args.model == "ndt":
+            from .ndt_task import evaluate_ndt
+
+            res = evaluate_ndt(accelerator.unwrap_model(model), processor, eval_segments, train_segments,
                                batch_size=args.eval_batch_size)
+        else:
+            res = evaluate_decoder(accelerator.unwrap_model(model), processor, eval_segments, train_segments,
+                                   batch_size=args.eval_batch_size)
         res["tag"] = tag
         return res
 
     if accelerator.is_main_process:
         accelerator.print(
-            f"POYO pretraining: {len(corpus.sessions)} sessions, {sum(len(s['unit_ids']) for s in corpus.sessions)} units, "
+            f"{args.model.upper()} pretraining: {len(corpus.sessions)} sessions, {sum(len(s['unit_ids']) for s in corpus.sessions)} units, "
             f"{world} process(es), global batch {global_batch}, lr {lr:.3g}, {args.max_steps} steps, precision {precision}"
         )
 
@@ -299,6 +332,7 @@ def train(args: PretrainArguments) -> dict[str, Any]:
             batch = next(batches)
             wait_time += time.perf_counter() - t_wait
             inputs = {k: v.to(device) for k, v in batch.items() if k not in ("window_start", "eval_mask")}
+            n_windows, n_spikes = _batch_counts(batch)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss = model(**inputs).loss
@@ -310,8 +344,8 @@ def train(args: PretrainArguments) -> dict[str, Any]:
                 scheduler.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad(set_to_none=True)
             loss_acc.append(loss.detach().float().item())
-            window_count += int(batch["input_unit_index"].shape[0])
-            spike_count += int((batch["input_mask"] & (batch["input_token_type"] == 0)).sum())
+            window_count += n_windows
+            spike_count += n_spikes
         step += 1
         step_time += time.perf_counter() - t0
         if pbar is not None:
@@ -367,12 +401,13 @@ def train(args: PretrainArguments) -> dict[str, Any]:
             processes=world,
             device=str(device),
             precision=precision,
-            preset=args.preset,
+            model=args.model,
+            preset=args.preset if args.model == "poyo" else None,
             n_parameters=sum(p.numel() for p in unwrapped.parameters()),
         )
         write_results(output_dir / "eval" / "results.json", results)
         write_results(final_dir / "eval_results.json", results)
-        if args.plots:
+        if args.plots and args.model == "poyo":
             plots = plot_sessions(res, eval_segments, output_dir / "eval")
             results["plots"] = [str(p) for p in plots]
             for plot in plots:  # the checkpoint carries its plots (publish uploads them with the card)
@@ -393,6 +428,13 @@ def train(args: PretrainArguments) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _batch_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(windows, input spikes) of a POYO or NDT batch, for the throughput log."""
+    if "input_unit_index" in batch:  # POYO: spike tokens under the input mask
+        return int(batch["input_unit_index"].shape[0]), int((batch["input_mask"] & (batch["input_token_type"] == 0)).sum())
+    return int(batch["spikes"].shape[0]), int(batch["spikes"].sum())  # NDT: held-in counts
 
 
 def training_info(
