@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._registration import register_auto_classes
 from .hub.loading import load_checkpoint
+from .inference import PoyoStreamingDecoder, StreamingOutput
 from .models.ndt import NdtConfig, NdtForMaskedModeling, NdtModel, NdtProcessor
 from .models.poyo import (
     POYO_PRESETS,
@@ -39,6 +40,8 @@ __all__ = [
     "PoyoModelOutput",
     "PoyoPreTrainedModel",
     "PoyoProcessor",
+    "PoyoStreamingDecoder",
+    "StreamingOutput",
     "load_checkpoint",
     "register_auto_classes",
 ]

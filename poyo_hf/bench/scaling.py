@@ -1,0 +1,402 @@
+"""``poyo-hf bench scaling``: POYO cost per window as spikes per window and units grow.
+
+For the poyo-mp preset and a batch of ``--batch`` one-second windows, each point reports
+
+* time per window of a training step (forward + weighted-MSE loss + backward; median of
+  ``--repeats``) and of inference (forward under ``torch.inference_mode``), and
+* peak memory per window of the training step and of inference.
+
+Sweeps: spikes per window 1x, 2x, 4x, 8x the base (100 units at 20 Hz, i.e. the rate grows
+20 -> 160 Hz with 100 units) and units 100 -> 1000 at 20 Hz. The bound checked is
+time(4x spikes) <= 4.2 x time(1x) for the training step (inference ratio printed beside it).
+
+Then the largest batch of 1 s windows (100 units at 20 Hz) that fits in ``--budget-gib`` (8 GiB)
+for **poyo-1 training** (forward + backward + AdamW step, so parameters, gradients and both AdamW
+moments are held): peak memory is measured at ``--fit-batches`` (default 2, 4, 8), a line
+``peak = fixed + per_window * batch`` is fitted by least squares, the predicted largest batch
+is ``floor((budget - fixed) / per_window)``, and with ``--verify`` that batch is run once and its
+measured peak printed beside the budget.
+
+What "peak memory" means here:
+
+* CPU: each point runs in a fresh Python subprocess, because the process's high-water mark
+  never goes down (inference is measured first, then training, which needs more, over the same
+  baseline). The baseline is the resident set size (``/proc/self/statm``)
+  after the batch is built and before the model is (so the model's weights - and for the poyo-1
+  fit its gradients and AdamW moments - count); the peak is
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the first call and the timed repeats.
+  Peak minus baseline, divided by the batch size, is reported. PyTorch's CPU allocator does not
+  cache freed blocks, so this is what the call needed from the OS (the interpreter's own
+  allocations during the call are included; they are small next to the activations).
+* CUDA: the same order in this process, with ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats`` minus the memory allocated at the baseline (tensors, not the
+  caching allocator's reserved pool).
+
+Times are medians of ``--repeats`` calls after one untimed first call.
+
+On CUDA the forward runs under bf16 autocast (rotary phases stay float32 inside the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .common import emit_json, percentile, print_table, set_threads
+
+BOUND = 4.2  # time(4x spikes) / time(1x) must stay at or below this (the issue's linearity bound)
+GIB = 1024**3
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _windows(batch: int, n_units: int, rate_hz: float, n_outputs: int = 100, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    units = [f"bench/u{i}" for i in range(n_units)]
+    out = []
+    for _ in range(batch):
+        counts = rng.poisson(rate_hz, n_units)
+        unit_index = np.repeat(np.arange(n_units), counts)
+        times = np.sort(rng.uniform(0.0, 1.0, unit_index.size))
+        out.append(
+            {
+                "session_id": "bench",
+                "unit_ids": units,
+                "spike_times": times,
+                "spike_unit_index": unit_index[np.argsort(rng.uniform(size=unit_index.size))],
+                "output_timestamps": np.linspace(0.0, 1.0, n_outputs, endpoint=False) + 0.005,
+                "targets": rng.normal(size=(n_outputs, 2)),
+            }
+        )
+    return out
+
+
+class _Meter:
+    """Peak memory of one call: CUDA allocator statistics, or the process RSS high-water mark."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            self.base = _rss_bytes()
+
+    def peak(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.base
+        return _maxrss_bytes() - self.base
+
+
+def _measure_point(
+    preset: str,
+    batch: int,
+    n_units: int,
+    rate_hz: float,
+    device: str,
+    repeats: int,
+    modes: tuple[str, ...] = ("infer", "train"),
+    optimizer: bool = False,
+) -> dict:
+    """Measure ``modes`` in order in this process: ``{mode: {"seconds", "peak_bytes"}}`` plus
+    ``tokens_per_window``. Inference goes first: peaks are read as a high-water mark over one
+    baseline, and a training step needs more memory than inference on the same batch."""
+    from ..models.poyo import PoyoConfig, PoyoForDecoding, PoyoProcessor
+
+    dev = torch.device(device)
+    meter = _Meter(dev)
+    windows = _windows(batch, n_units, rate_hz)
+    config = PoyoConfig.from_preset(preset, unit_vocab_size=n_units + 1, session_vocab_size=2)
+    processor = PoyoProcessor.from_config(config, {"bench": windows[0]["unit_ids"]})
+    inputs = processor(windows).to(dev)
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    meter.start()  # before the model: weights (and gradients, AdamW state) count
+    torch.manual_seed(0)
+    model = PoyoForDecoding(config).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer else None
+
+    def call(mode: str) -> None:
+        if mode == "infer":
+            with torch.inference_mode(), autocast:
+                model(**inputs)
+        else:
+            with autocast:
+                loss = model(**inputs).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()  # AdamW moments are allocated at the first step and then kept
+                opt.zero_grad(set_to_none=False)  # gradients stay allocated, as in a training loop
+            else:
+                model.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    out: dict = {"tokens_per_window": float(inputs["input_mask"].sum()) / batch}
+    for mode in modes:
+        model.train(mode == "train")
+        call(mode)  # untimed first call (lazy initialisation), inside the memory measurement
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call(mode)
+            times.append(time.perf_counter() - t0)
+        out[mode] = {"seconds": percentile(times, 0.5), "peak_bytes": int(meter.peak())}
+    return out
+
+
+def _point(args: dict, in_process: bool) -> dict:
+    """Run :func:`_measure_point` in a fresh subprocess (CPU) or in this process (CUDA)."""
+    if in_process:
+        if torch.device(args["device"]).type == "cuda":
+            torch.cuda.empty_cache()
+        return _measure_point(**args)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "poyo_hf.bench.scaling",
+            "--_point",
+            json.dumps(args),
+            "--threads",
+            str(torch.get_num_threads()),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"scaling point {args} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run(
+    batch: int = 8,
+    repeats: int = 3,
+    multipliers: tuple[int, ...] = (1, 2, 4, 8),
+    unit_counts: tuple[int, ...] = (100, 300, 1000),
+    base_units: int = 100,
+    base_rate: float = 20.0,
+    fit_batches: tuple[int, ...] = (2, 4, 8),
+    budget_gib: float = 8.0,
+    verify: bool = False,
+    threads: int = 2,
+    device: str = "cpu",
+    preset: str = "poyo-mp",
+    max_batch_preset: str = "poyo-1",
+) -> dict:
+    set_threads(threads)
+    in_process = torch.device(device).type == "cuda"
+
+    def measure(n_units: int, rate: float) -> dict:
+        row = {"units": n_units, "rate_hz": rate}
+        p = _point(
+            dict(preset=preset, batch=batch, n_units=n_units, rate_hz=rate, device=device, repeats=repeats), in_process
+        )
+        row["tokens_per_window"] = p["tokens_per_window"]
+        for mode in ("train", "infer"):
+            row[f"{mode}_ms_per_window"] = 1000 * p[mode]["seconds"] / batch
+            row[f"{mode}_peak_mib_per_window"] = p[mode]["peak_bytes"] / batch / 2**20
+        return row
+
+    spikes = []
+    for m in multipliers:
+        row = measure(base_units, base_rate * m)
+        row["spike_multiplier"] = m
+        spikes.append(row)
+    units = [measure(u, base_rate) for u in unit_counts]
+    base = next(r for r in spikes if r["spike_multiplier"] == 1) if 1 in multipliers else None
+    four = next((r for r in spikes if r["spike_multiplier"] == 4), None)
+    result: dict = {
+        "preset": preset,
+        "device": device,
+        "threads": threads,
+        "batch": batch,
+        "repeats": repeats,
+        "bound_4x": BOUND,
+        "spike_sweep": spikes,
+        "unit_sweep": units,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+    if base is not None and four is not None:
+        result["train_ratio_4x"] = four["train_ms_per_window"] / base["train_ms_per_window"]
+        result["infer_ratio_4x"] = four["infer_ms_per_window"] / base["infer_ms_per_window"]
+        result["pass_4x"] = result["train_ratio_4x"] <= BOUND and result["infer_ratio_4x"] <= BOUND
+
+    # Largest poyo-1 training batch in the budget: linear fit of peak memory against batch size.
+    fits = []
+    for b in fit_batches:
+        p = _point(
+            dict(
+                preset=max_batch_preset,
+                batch=b,
+                n_units=base_units,
+                rate_hz=base_rate,
+                device=device,
+                repeats=1,
+                modes=("train",),
+                optimizer=True,
+            ),
+            in_process,
+        )
+        fits.append({"batch": b, "peak_gib": p["train"]["peak_bytes"] / GIB, "seconds": p["train"]["seconds"]})
+    mb: dict = {"preset": max_batch_preset, "budget_gib": budget_gib, "points": fits}
+    if len(fits) >= 2:
+        slope, fixed = np.polyfit([f["batch"] for f in fits], [f["peak_gib"] for f in fits], 1)
+        mb["fixed_gib"] = float(fixed)
+        mb["per_window_gib"] = float(slope)
+        mb["predicted_max_batch"] = int(math.floor((budget_gib - fixed) / slope)) if slope > 0 else None
+        if verify and mb["predicted_max_batch"]:
+            p = _point(
+                dict(
+                    preset=max_batch_preset,
+                    batch=mb["predicted_max_batch"],
+                    n_units=base_units,
+                    rate_hz=base_rate,
+                    device=device,
+                    repeats=1,
+                    modes=("train",),
+                    optimizer=True,
+                ),
+                in_process,
+            )
+            mb["verified_peak_gib"] = p["train"]["peak_bytes"] / GIB
+            mb["verified_fits"] = mb["verified_peak_gib"] <= budget_gib
+    result["max_batch"] = mb
+    return result
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="poyo-hf bench scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=8, help="windows per batch for the sweeps (default 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per point, median reported (default 3)")
+    parser.add_argument("--multipliers", type=_ints, default=(1, 2, 4, 8), help="spike multipliers (default 1,2,4,8)")
+    parser.add_argument("--units", type=_ints, default=(100, 300, 1000), help="unit counts (default 100,300,1000)")
+    parser.add_argument(
+        "--fit-batches", type=_ints, default=(2, 4, 8), help="poyo-1 batch sizes for the memory fit (default 2,4,8)"
+    )
+    parser.add_argument("--budget-gib", type=float, default=8.0, help="memory budget for the max batch (default 8)")
+    parser.add_argument("--verify", action="store_true", help="also run the predicted max batch once and measure it")
+    parser.add_argument(
+        "--max-batch-preset",
+        default="poyo-1",
+        choices=["poyo-mp", "poyo-1", "poyo-single"],
+        help="preset of the max-batch fit (default poyo-1)",
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
+    parser.add_argument("--_point", help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
+    args = parser.parse_args(argv)
+    if args._point:
+        set_threads(args.threads)
+        point = json.loads(args._point)
+        point["modes"] = tuple(point.get("modes", ("infer", "train")))
+        print(json.dumps(_measure_point(**point)))
+        return 0
+    if args.batch < 1 or args.repeats < 1 or args.threads < 1 or args.budget_gib <= 0:
+        parser.error("--batch, --repeats and --threads must be >= 1 and --budget-gib > 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available in this torch build")
+    r = run(
+        args.batch,
+        args.repeats,
+        args.multipliers,
+        args.units,
+        fit_batches=args.fit_batches,
+        budget_gib=args.budget_gib,
+        verify=args.verify,
+        threads=args.threads,
+        device=args.device,
+        max_batch_preset=args.max_batch_preset,
+    )
+    print(f"POYO {r['preset']} scaling, batch {r['batch']} x 1 s windows, {r['threads']} threads, {r['device']}")
+    headers = [
+        "units",
+        "Hz",
+        "tokens/window",
+        "train ms/window",
+        "infer ms/window",
+        "train peak MiB/window",
+        "infer peak MiB/window",
+    ]
+
+    def row(x: dict) -> list:
+        return [
+            x["units"],
+            x["rate_hz"],
+            x["tokens_per_window"],
+            x["train_ms_per_window"],
+            x["infer_ms_per_window"],
+            x["train_peak_mib_per_window"],
+            x["infer_peak_mib_per_window"],
+        ]
+
+    print(f"\nspikes per window grow (100 units, rate x {', '.join(str(m) for m in args.multipliers)}):")
+    print_table(["x"] + headers, [[x["spike_multiplier"]] + row(x) for x in r["spike_sweep"]])
+    print("\nunits grow (20 Hz):")
+    print_table(headers, [row(x) for x in r["unit_sweep"]])
+    if "train_ratio_4x" in r:
+        verdict = "pass" if r["pass_4x"] else "FAIL"
+        print(
+            f"\ntime(4x)/time(1x): train {r['train_ratio_4x']:.2f}, inference {r['infer_ratio_4x']:.2f} "
+            f"(bound {BOUND}): {verdict}"
+        )
+    mb = r["max_batch"]
+    print(f"\n{mb['preset']} training (fwd+bwd+AdamW) peak memory vs batch:")
+    print_table(["batch", "peak GiB", "step s"], [[f["batch"], f["peak_gib"], f["seconds"]] for f in mb["points"]])
+    if "predicted_max_batch" in mb:
+        print(
+            f"fit: {mb['fixed_gib']:.3f} GiB + {mb['per_window_gib'] * 1024:.1f} MiB/window -> largest batch in "
+            f"{mb['budget_gib']:g} GiB: {mb['predicted_max_batch']}"
+            + (
+                f" (measured {mb['verified_peak_gib']:.2f} GiB: {'fits' if mb['verified_fits'] else 'does NOT fit'})"
+                if "verified_peak_gib" in mb
+                else " (predicted; --verify measures it)"
+            )
+        )
+    if args.json:
+        emit_json(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""PoyoStreamingDecoder: equal to the offline path (processor + forward on the same window and
+timestamps) step after step, and loud on bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoProcessor
+
+from poyo_hf import PoyoConfig, PoyoForDecoding, PoyoProcessor, PoyoStreamingDecoder
+
+TOL = 1e-5
+
+
+def offline(model, processor, session_id, times, ids, t_now, out_t, readout=None):
+    """The reference: crop [t_now - L, t_now], tokenize with the processor, run forward."""
+    L = processor.sequence_length
+    t0 = t_now - L
+    sel = (times >= t0) & (times <= t_now)
+    batch = processor(
+        {
+            "session_id": session_id,
+            "spike_times": times[sel] - t0,
+            "spike_unit_ids": ids[sel],
+            "output_timestamps": np.asarray(out_t) - t0,
+            "readout": readout,
+        }
+    )
+    with torch.inference_mode():
+        pred = model(**batch).predictions[0, : len(out_t)]
+    return pred.numpy(), int(sel.sum())
+
+
+def poisson(units, duration, rate, rng, start=0.0):
+    counts = rng.poisson(rate * duration, len(units))
+    unit = np.repeat(np.arange(len(units)), counts)
+    t = start + rng.uniform(0.0, duration, unit.size)
+    order = np.argsort(t, kind="stable")
+    return t[order], np.asarray(units, dtype=object)[unit[order]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Batch-1 decoding of small models gains nothing from a second thread, and on a busy
+    2-core machine OpenMP's spinning second thread makes it many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mp_like():
+    """poyo-mp widths (hidden 64, head dim 64: all 16 rotary pairs), fewer layers/latents/heads to
+    stay fast; two readouts with non-trivial statistics."""
+    units = [f"s/u{i}" for i in range(12)]
+    config = PoyoConfig.from_preset(
+        "poyo-mp",
+        num_hidden_layers=2,
+        num_latents_per_step=4,
+        num_self_attention_heads=2,
+        unit_vocab_size=len(units) + 4,
+        session_vocab_size=3,
+        readout_dims={"hand_vel": 2, "force": 3},
+        target_mean={"hand_vel": [0.5, -1.0], "force": [0.0, 1.0, 2.0]},
+        target_std={"hand_vel": [3.0, 2.0], "force": [1.0, 0.5, 4.0]},
+    )
+    processor = PoyoProcessor.from_config(config, {"s": units, "other": ["o/u0", "o/u1", "o/u2"]})
+    torch.manual_seed(0)
+    model = PoyoForDecoding(config).eval()
+    return model, processor, units
+
+
+def stream_and_compare(model, processor, session_id, times, ids, steps, rng, decoder, out_times=None):
+    """Push random-size chunks (empty ones, ones running ahead of t_now), step, compare."""
+    pushed, worst = 0, 0.0
+    for k, t_now in enumerate(steps):
+        target = int(np.searchsorted(times, t_now + rng.uniform(-0.01, 0.03), side="right"))
+        while pushed < target:  # several chunks of random size per step
+            n = int(rng.integers(0, 15))
+            decoder.push(times[pushed : min(pushed + n, target)], list(ids[pushed : min(pushed + n, target)]))
+            pushed = min(pushed + n, target)
+        out = decoder.step(t_now, None if out_times is None else out_times(t_now))
+        ref, n_ref = offline(
+            model, processor, session_id, times[:pushed], ids[:pushed], t_now, out.timestamps, decoder.readout
+        )
+        assert out.num_spikes == n_ref
+        assert out.window_start == t_now - processor.sequence_length
+        d = model.config.readout_dims[decoder.readout]
+        np.testing.assert_allclose(out.predictions, ref[:, :d], atol=TOL, rtol=0)
+        worst = max(worst, float(np.abs(out.predictions - ref[:, :d]).max()))
+    return worst
+
+
+def test_streaming_equals_offline_over_many_steps(mp_like, rng):
+    model, processor, units = mp_like
+    times, ids = poisson(units, 3.0, 20.0, rng)
+    # Spikes exactly on the first windows' edges: kept at t0 and at t_now, as the offline crop does.
+    edge = np.array([0.2, 1.2, 1.3])
+    times = np.concatenate([times, edge])
+    ids = np.concatenate([ids, np.asarray(["s/u1", "s/u2", "s/u3"], dtype=object)])
+    order = np.argsort(times, kind="stable")
+    times, ids = times[order], ids[order]
+    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.05, outputs_per_step=3, initial_capacity=8)
+    steps = [1.2, 1.25, 1.3] + list(1.3 + 0.071 * np.arange(1, 22))  # window start crosses many spikes
+    stream_and_compare(model, processor, "s", times, ids, steps, rng, decoder)
+    assert decoder._kv.shape[1] > 8 + 2 * len(units)  # the buffer grew from its tiny start (and compacted)
+
+
+def test_explicit_output_times_other_readout_and_far_clock(mp_like, rng):
+    """A stream clock far from 0 (relative times are formed in float64, so nothing drifts),
+    explicit output times anywhere in the window, the second readout."""
+    model, processor, units = mp_like
+    start = 86_400.0 * 3  # three days of uptime
+    times, ids = poisson(units, 2.0, 30.0, rng, start=start)
+    decoder = PoyoStreamingDecoder(model, processor, "s", readout="force")
+    steps = start + 1.0 + 0.02 * np.arange(12)
+    stream_and_compare(
+        model, processor, "s", times, ids, steps, rng, decoder, out_times=lambda t: [t - 1.0, t - 0.31, t]
+    )
+
+
+def test_tiny_checkpoint_through_auto_classes(tiny_checkpoint, rng):
+    model = AutoModel.from_pretrained(tiny_checkpoint).eval()
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    units = processor.session_units["sess_a"]
+    times, ids = poisson(units, 2.5, 40.0, rng)
+    decoder = PoyoStreamingDecoder(model, processor, "sess_a", step=0.02)
+    steps = 1.0 + 0.02 * np.arange(1, 30)
+    stream_and_compare(model, processor, "sess_a", times, ids, steps, rng, decoder)
+
+
+def test_empty_window_and_new_outputs_only(mp_like):
+    model, processor, _ = mp_like
+    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.02, outputs_per_step=2)
+    out = decoder.step(5.0)
+    np.testing.assert_allclose(out.timestamps, [4.99, 5.0])
+    assert out.timestamps[-1] == 5.0 and out.num_spikes == 0
+    ref, _ = offline(model, processor, "s", np.zeros(0), np.zeros(0, dtype=object), 5.0, out.timestamps)
+    np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
+
+
+def test_bad_input_is_refused_with_a_message(mp_like):
+    model, processor, _ = mp_like
+    with pytest.raises(ValueError, match="'nope'.*add_session"):
+        PoyoStreamingDecoder(model, processor, "nope")
+    with pytest.raises(ValueError, match="window .*sequence_length"):
+        PoyoStreamingDecoder(model, processor, "s", window=0.5)
+    with pytest.raises(ValueError, match="step"):
+        PoyoStreamingDecoder(model, processor, "s", step=0.0)
+    with pytest.raises(ValueError, match="readout 'grip'"):
+        PoyoStreamingDecoder(model, processor, "s", readout="grip")
+    with pytest.raises(TypeError, match="PoyoProcessor"):
+        PoyoStreamingDecoder(model, object(), "s")
+    dec = PoyoStreamingDecoder(model, processor, "s")
+    with pytest.raises(ValueError, match="non-decreasing within a chunk"):
+        dec.push([0.3, 0.2], ["s/u0", "s/u1"])
+    with pytest.raises(ValueError, match=r"'s/u99'.*'o/u0'|'o/u0'.*'s/u99'"):
+        dec.push([0.1, 0.2, 0.3], ["s/u0", "s/u99", "o/u0"])  # another session's unit is not this one's
+    with pytest.raises(ValueError, match="2 spike_times but 1 unit_ids"):
+        dec.push([0.1, 0.2], ["s/u0"])
+    with pytest.raises(ValueError, match="NaN"):
+        dec.push([float("nan")], ["s/u0"])
+    dec.push([0.5, 0.6], ["s/u0", "s/u1"])
+    with pytest.raises(ValueError, match="before the newest spike"):
+        dec.push([0.55], ["s/u0"])
+    dec.push([0.6], ["s/u2"])  # a tie with the newest spike is fine
+    dec.step(1.0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        dec.step(0.9)
+    with pytest.raises(ValueError, match="output_timestamps"):
+        dec.step(1.1, [0.05])  # before the window [0.1, 1.1]
+    # Refused input left the stream as it was: still equal to the offline path.
+    out = dec.step(1.2)
+    ref, n = offline(
+        model, processor, "s", np.array([0.5, 0.6, 0.6]), np.array(["s/u0", "s/u1", "s/u2"]), 1.2, out.timestamps
+    )
+    assert n == 3
+    np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
