@@ -10,6 +10,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "model": ("poyo_hf.bench.model", "POYO training steps/s and batch-1 latency, side by side with torch_brain"),
     "ndt": ("poyo_hf.bench.ndt", "NDT batch-1 latency on an MC_Maze-sized trial vs a stock TransformerEncoder"),
     "data": ("poyo_hf.bench.data", "Arrow collator vs with_format('torch'): windows/s and spikes/s"),
+    "streaming": ("poyo_hf.bench.streaming", "real-time POYO decoding: per-step latency p50/p99 vs the offline path"),
+    "scaling": ("poyo_hf.bench.scaling", "POYO time and peak memory per window as spikes and units grow; poyo-1 max batch"),
 }
 
 
