@@ -1,0 +1,80 @@
+"""Smoke runs of `poyo-hf bench streaming` and `poyo-hf bench scaling` on tiny sizes: a table,
+and a JSON last line whose figures are consistent. No speed targets here (they are in the
+benchmarks' output, measured on an idle machine)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from poyo_hf.bench import main as bench_main
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """The benchmarks set the thread count of this process (``--threads``); put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def run_bench(capsys, *args: str) -> tuple[str, dict]:
+    """Run ``poyo-hf bench ...`` in this process (the scaling points still run in subprocesses)."""
+    assert bench_main(list(args)) == 0
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+def test_bench_streaming_json_and_equality(capsys):
+    out, r = run_bench(
+        capsys, "streaming", "--units", "8", "20", "--steps", "4", "--offline-steps", "3", "--warmup", "1",
+        "--threads", "1", "--json",
+    )  # fmt: skip
+    assert "p99 < target" in out and "offline" in out
+    assert r["step_ms"] == 20.0 and r["threads"] == 1 and r["target_p99_ms"] == 5.0
+    assert [x["units"] for x in r["results"]] == [8, 20]
+    for x in r["results"]:
+        for key in ("streaming_p50_ms", "streaming_p99_ms", "offline_p50_ms", "offline_p99_ms", "speedup_p50"):
+            assert x[key] > 0, key
+        assert x["streaming_p99_ms"] >= x["streaming_p50_ms"]
+        assert x["max_abs_diff"] < 1e-5  # the two paths decode the same windows
+        assert x["steps"] == 4 and x["offline_steps"] == 3
+        assert x["meets_target_p99"] == (x["streaming_p99_ms"] < 5.0)
+    # ~20 Hz x 1 s per unit: 20 units hold more spikes per window than 8.
+    assert r["results"][1]["spikes_per_window"] > r["results"][0]["spikes_per_window"] > 0
+
+
+def test_bench_streaming_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["streaming", "--units", "0"])
+    assert "--units" in capsys.readouterr().err
+
+
+def test_bench_scaling_json_and_memory_fit(capsys):
+    out, r = run_bench(
+        capsys, "scaling", "--batch", "1", "--repeats", "1", "--multipliers", "1,4", "--units", "10",
+        "--fit-batches", "1,3", "--max-batch-preset", "poyo-mp", "--budget-gib", "1", "--threads", "1", "--json",
+    )  # fmt: skip
+    assert "time(4x)/time(1x)" in out and "bound 4.2" in out
+    one, four = r["spike_sweep"]
+    assert (one["spike_multiplier"], four["spike_multiplier"]) == (1, 4)
+    # 4x the spike rate: the spike tokens grow 4x (the 2 start/end tokens per unit do not).
+    spikes_one, spikes_four = one["tokens_per_window"] - 200, four["tokens_per_window"] - 200
+    assert 3.0 < spikes_four / spikes_one < 5.0
+    assert r["unit_sweep"][0]["units"] == 10
+    for row in r["spike_sweep"] + r["unit_sweep"]:
+        for key in ("train_ms_per_window", "infer_ms_per_window", "train_peak_mib_per_window"):
+            assert row[key] > 0, key
+        # A training step keeps activations for backward: it needs more than inference.
+        assert row["train_peak_mib_per_window"] > row["infer_peak_mib_per_window"]
+    assert r["train_ratio_4x"] == four["train_ms_per_window"] / one["train_ms_per_window"]
+    assert r["pass_4x"] == (r["train_ratio_4x"] <= 4.2 and r["infer_ratio_4x"] <= 4.2)
+    mb = r["max_batch"]
+    peaks = [p["peak_gib"] for p in mb["points"]]
+    assert [p["batch"] for p in mb["points"]] == [1, 3] and peaks[1] > peaks[0] > 0
+    slope, fixed = np.polyfit([1, 3], peaks, 1)
+    assert np.isclose(mb["per_window_gib"], slope) and np.isclose(mb["fixed_gib"], fixed)
+    assert mb["predicted_max_batch"] == int(np.floor((1.0 - fixed) / slope))
