@@ -232,11 +232,18 @@ class PoyoConfig(PreTrainedConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Also accepts a preset name (``"poyo-mp"``, ``"poyo-1"``, ``"poyo-single"``) when no
-        local folder of that name exists."""
+        local folder of that name exists and the call comes from the user.
+
+        Calls made while loading a model (``AutoConfig`` / ``PreTrainedModel.from_pretrained``
+        pass ``_from_auto`` or ``return_unused_kwargs``) always read the folder or Hub repo: a
+        published checkpoint named like a preset (``AutoModel.from_pretrained("poyo-1")`` on a Hub
+        that serves bare ids) must load its own config, not the preset's shape.
+        """
         import os
 
         name = str(pretrained_model_name_or_path)
-        if name in POYO_PRESETS and not os.path.isdir(name):
+        internal = kwargs.get("_from_auto") or "return_unused_kwargs" in kwargs
+        if name in POYO_PRESETS and not os.path.isdir(name) and not internal:
             return cls.from_preset(name, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
