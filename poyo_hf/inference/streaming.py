@@ -6,13 +6,27 @@ window ``[t_now - window, t_now]`` with the same query timestamps), minus every 
 that does not change from one step to the next. Equality with the offline path is tested to 1e-5.
 
 Where the offline batch-1 forward spends its time (poyo-mp, 1 s window, 100 units at 20 Hz:
-~2300 tokens; ``poyo-hf bench streaming`` re-measures the two end-to-end paths):
+~2300 tokens; 1 thread; measured with ``torch.profiler`` on a shared 2-core machine, so read the
+shares, not the absolute values):
 
-* the 6 latent self-attention layers (~80 MFLOP each, 128 latents x 8 heads x 64) - roughly
-  half of the time;
-* the encoder cross-attention: the K/V projection of every token (~75 MFLOP) and the attention
-  of 128 latents over all tokens (~150 MFLOP, grows with the spike count);
-* the processor's numpy tokenization (~0.8 ms) and Python/module overhead (dozens of small ops).
+* module timings at low load: encoder 8.7 ms (token K/V projection 1.1 ms, attention of 128
+  latents over all tokens ~3.3 ms, the rest per-token embedding/rotary work), each of the 6
+  self-attention layers 1.8 ms (QKV projection 0.30, SDPA 0.55, FFN 0.24, the rest small ops and
+  module overhead), decoder 0.3 ms, processor (numpy tokenization) 0.8 ms;
+* per op class under load (per step, offline -> streaming): linear layers 12.7 -> 9.7 ms, latent
+  and decoder SDPA 8.4 -> 6.7, elementwise/copies/gathers 7.6 -> 5.6, encoder SDPA 5.2 -> 4.9,
+  other ops 6.5 -> 2.2, Python/dispatch (incl. the processor) 11.8 -> 5.6; total 52 -> 35 ms.
+
+What is left is the FLOP floor of the model: ~480 MFLOP for the latent stack plus ~150 MFLOP
+(100 units) or ~430 MFLOP (300 units) of encoder attention per step. ``poyo-hf bench streaming``
+measures both paths end to end.
+
+Evaluated and dropped (measured slower or not exact): caching each spike's rotation against a
+fixed stream origin (not equal to the offline path within 1e-5, see below), ``torch.compile`` of the latent stack (46 s to compile, no gain:
+inductor does not generate code for complex ops and the time is in matmul/SDPA), SDPA on 3-D
+inputs (falls back to the unfused math path, ~2x slower than 4-D), ``torch.polar`` for the spike
+phases (~3x slower than cos/sin), advanced indexing of the complex per-unit table (~6x slower
+than ``index_select``).
 
 What the decoder caches, and why it is exact:
 
@@ -32,11 +46,15 @@ What is recomputed at every step, and why:
 
 * **Spike rotations.** Each spike's K/V are rotated by its time relative to the window start, as
   float32 angles ``float32(t - t0) * omega`` exactly like the offline path. Caching the rotation
-  once per spike (rotating keys by time from a fixed stream origin, queries likewise) is exact
-  in real arithmetic, and was evaluated, but float32 angles of the fastest rotary pair
-  (omega ~ 6e4 rad/s) round differently in the two frames (~4e-3 rad); a randomly initialised
-  poyo-mp then moves by ~2e-5 - the offline path's own rounding noise, yet above the 1e-5
-  equality bound. Recomputing ~16 phases per spike per step costs far less than the attention.
+  once per spike (keys rotated by time from a fixed stream origin, queries likewise, the origin
+  re-anchored now and then) is exact in real arithmetic, but cannot reproduce the offline path's
+  float32 rounding: the fastest rotary pair turns at ~6e4 rad/s, so float32 times and angles
+  near 1 s are off by up to a few 1e-3 rad. Running the offline path with float64-accurate
+  phases moved a randomly initialised poyo-mp's outputs by 1.8e-5 (and a 3e-8 s shift of all
+  spike times by 1.8e-5): that is the offline path's own rounding noise, but above the 1e-5
+  equality bound, so the rotation is recomputed per step (cos/sin of ~16 angles per spike plus
+  one complex product per K/V pair, far below the attention's cost). Relative times are formed
+  in float64 from absolute ones, so a clock far from 0 loses no precision (tested at 3 days).
 * **The latent stack.** The latent grid is tied to the window start, which moves every step, and
   every latent reads every spike, so the encoder output and all self-attention layers change.
 """
