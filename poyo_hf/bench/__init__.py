@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "data": ("poyo_hf.bench.data", "Arrow collator vs with_format('torch'): windows/s and spikes/s"),
     "streaming": ("poyo_hf.bench.streaming", "real-time POYO decoding: per-step latency p50/p99 vs the offline path"),
     "scaling": ("poyo_hf.bench.scaling", "POYO time and peak memory per window as spikes and units grow; poyo-1 max batch"),
+    "fewshot": ("poyo_hf.bench.fewshot", "few-shot curve: R^2 vs labelled trials (unit-id, fine-tune, scratch, Wiener)"),
 }
 
 
