@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "streaming": ("poyo_hf.bench.streaming", "real-time POYO decoding: per-step latency p50/p99 vs the offline path"),
     "scaling": ("poyo_hf.bench.scaling", "POYO time and peak memory per window as spikes and units grow; poyo-1 max batch"),
     "fewshot": ("poyo_hf.bench.fewshot", "few-shot curve: R^2 vs labelled trials (unit-id, fine-tune, scratch, Wiener)"),
+    "decode": ("poyo_hf.bench.decode", "synthetic decoding R^2: POYO on N = 1, 4, 16 sessions vs the Wiener filter"),
 }
 
 
