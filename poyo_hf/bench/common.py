@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -60,3 +61,18 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 def emit_json(result: dict) -> None:
     """The last line of output: one JSON object holding every figure."""
     print(json.dumps(result, sort_keys=True))
+
+
+def save_figure(fig: object, path: "os.PathLike[str] | str", dpi: int = 110) -> "os.PathLike[str] | str":
+    """Save a matplotlib figure atomically (temp file, then rename) and close it."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=dpi)  # type: ignore[attr-defined]
+    plt.close(fig)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+    return path

@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import emit_json, print_table, set_threads
+from .common import emit_json, print_table, save_figure, set_threads
 
 
 def _int_list(text: str) -> list[int]:
@@ -128,12 +127,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("synthetic corpus: POYO vs Wiener filter")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

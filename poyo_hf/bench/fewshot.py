@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import emit_json, print_table, set_threads
+from .common import emit_json, print_table, save_figure, set_threads
 
 METHODS = ("unit-id", "finetune", "scratch", "wiener")
 _MODE = {"unit-id": "unit-identification", "finetune": "full-finetune", "scratch": "from-scratch"}
@@ -210,11 +209,7 @@ def plot_curve(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,15 +163,15 @@ def quality(out: str, sessions: int, ndt_steps: int, poyo_steps: int, seed: int 
         corpus = Corpus.from_sources([folder])
         sid = corpus.sessions[0]["session_id"]
         overrides = dict(NDT_QUALITY_OVERRIDES)
-        heads = 2
         run_dir = root / f"ndt_{Path(folder).name}"
         if run_dir.exists():
             import shutil
 
             shutil.rmtree(run_dir)
         n_units = len(corpus.sessions[0]["unit_ids"])
-        while n_units % heads:  # identity embedding: width = neurons, must split into heads
-            heads += 1
+        # Identity embedding: the width is the neuron count, which the heads must divide; the
+        # released 2 heads when it is even, else 1.
+        heads = 2 if n_units % 2 == 0 else 1
         overrides["num_attention_heads"] = heads
         res = train(PretrainArguments(
             datasets=[folder], output_dir=str(run_dir), model="ndt", config_overrides=json.dumps(overrides),
@@ -183,7 +183,7 @@ def quality(out: str, sessions: int, ndt_steps: int, poyo_steps: int, seed: int 
         proc = NdtProcessor.from_pretrained(run_dir / "model")
         smooth = smoothing_baseline(proc, corpus.segments("test"), corpus.segments("train"))
         rows.append({
-            "session_id": sid, "units": n_units,
+            "session_id": sid, "units": n_units, "ndt_heads": heads,
             "ndt_co_bps": res.get("co_bps"), "ndt_fp_bps": res.get("fp_bps"), "ndt_vel_r2": res["vel_r2"],
             "smoothing_co_bps": smooth.get("co_bps"), "smoothing_vel_r2": smooth["vel_r2"],
             "poyo_vel_r2": poyo["r2_per_session"][sid],

@@ -70,24 +70,10 @@ def _maxrss_bytes() -> int:
 
 
 def _windows(batch: int, n_units: int, rate_hz: float, n_outputs: int = 100, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    units = [f"bench/u{i}" for i in range(n_units)]
-    out = []
-    for _ in range(batch):
-        counts = rng.poisson(rate_hz, n_units)
-        unit_index = np.repeat(np.arange(n_units), counts)
-        times = np.sort(rng.uniform(0.0, 1.0, unit_index.size))
-        out.append(
-            {
-                "session_id": "bench",
-                "unit_ids": units,
-                "spike_times": times,
-                "spike_unit_index": unit_index[np.argsort(rng.uniform(size=unit_index.size))],
-                "output_timestamps": np.linspace(0.0, 1.0, n_outputs, endpoint=False) + 0.005,
-                "targets": rng.normal(size=(n_outputs, 2)),
-            }
-        )
-    return out
+    """Poisson windows of ``n_units`` at ``rate_hz``: the model benchmark's generator."""
+    from .model import benchmark_batch
+
+    return benchmark_batch(batch, n_units, rate_hz, n_outputs, seed)
 
 
 class _Meter:
