@@ -68,8 +68,10 @@ def test_bench_scaling_json_and_memory_fit(capsys):
     for row in r["spike_sweep"] + r["unit_sweep"]:
         for key in ("train_ms_per_window", "infer_ms_per_window", "train_peak_mib_per_window"):
             assert row[key] > 0, key
-        # A training step keeps activations for backward: it needs more than inference.
-        assert row["train_peak_mib_per_window"] > row["infer_peak_mib_per_window"]
+        # Peaks are one RSS high-water mark read after inference, then after training (training
+        # keeps activations for backward). Not a strict ">": at smoke sizes a transient allocation
+        # can set the mark for both (a CI run read 177.0 == 177.0 MiB per window).
+        assert row["train_peak_mib_per_window"] >= row["infer_peak_mib_per_window"] > 0
     assert r["train_ratio_4x"] == four["train_ms_per_window"] / one["train_ms_per_window"]
     assert r["pass_4x"] == (r["train_ratio_4x"] <= 4.2 and r["infer_ratio_4x"] <= 4.2)
     mb = r["max_batch"]
