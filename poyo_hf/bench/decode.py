@@ -21,7 +21,6 @@ much shorter than ~2000 steps measure the plateau, not the model.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -103,7 +102,7 @@ def run_one(sources: list[str], out: Path, steps: int, batch: int, seed: int, pr
         eval_split="test",
     )
     t0 = time.perf_counter()
-    res = train(dataclasses.replace(args))
+    res = train(args)
     res["train_seconds"] = time.perf_counter() - t0
     return res
 

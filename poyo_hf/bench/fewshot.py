@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from ..quickstart import CPU_LEARNING_RATE, CPU_OVERRIDES
 from .common import emit_json, print_table, save_figure, set_threads
 
 METHODS = ("unit-id", "finetune", "scratch", "wiener")
 _MODE = {"unit-id": "unit-identification", "finetune": "full-finetune", "scratch": "from-scratch"}
 # The quickstart's model shape (poyo_hf/quickstart.py): it leaves POYO's initial plateau on CPU.
-BASE_OVERRIDES = {"num_hidden_layers": 2, "num_latents_per_step": 8, "num_self_attention_heads": 4, "head_dim": 32}
 
 
 def simulator(seed: int) -> Any:
@@ -95,9 +95,9 @@ def ensure_base(out: Path, pretrain_dir: Path, steps: int, seed: int) -> Path:
         "data": str(pretrain_dir),
         "steps": steps,
         "seed": seed,
-        "overrides": BASE_OVERRIDES,
+        "overrides": CPU_OVERRIDES,
         "batch_size": 16,
-        "learning_rate": 1e-3,
+        "learning_rate": CPU_LEARNING_RATE,
     }
     marker = base_dir / "bench_settings.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings and (base_dir / "model").is_dir():
@@ -107,9 +107,9 @@ def ensure_base(out: Path, pretrain_dir: Path, steps: int, seed: int) -> Path:
         datasets=[str(pretrain_dir)],
         output_dir=str(base_dir),
         preset="poyo-mp",
-        config_overrides=json.dumps(BASE_OVERRIDES),
+        config_overrides=json.dumps(CPU_OVERRIDES),
         batch_size=16,
-        learning_rate=1e-3,
+        learning_rate=CPU_LEARNING_RATE,
         max_steps=steps,
         seed=seed,
         logging_steps=50,

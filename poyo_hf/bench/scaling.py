@@ -241,22 +241,18 @@ def run(
         result["pass_4x"] = result["train_ratio_4x"] <= BOUND and result["infer_ratio_4x"] <= BOUND
 
     # Largest poyo-1 training batch in the budget: linear fit of peak memory against batch size.
+    def train_point(b: int) -> dict:
+        """One poyo-1 training step (fwd + bwd + AdamW) at batch ``b``: seconds and peak bytes."""
+        point = dict(
+            preset=max_batch_preset, batch=b, n_units=base_units, rate_hz=base_rate, device=device, repeats=1,
+            modes=("train",), optimizer=True,
+        )
+        return _point(point, in_process)["train"]
+
     fits = []
     for b in fit_batches:
-        p = _point(
-            dict(
-                preset=max_batch_preset,
-                batch=b,
-                n_units=base_units,
-                rate_hz=base_rate,
-                device=device,
-                repeats=1,
-                modes=("train",),
-                optimizer=True,
-            ),
-            in_process,
-        )
-        fits.append({"batch": b, "peak_gib": p["train"]["peak_bytes"] / GIB, "seconds": p["train"]["seconds"]})
+        t = train_point(b)
+        fits.append({"batch": b, "peak_gib": t["peak_bytes"] / GIB, "seconds": t["seconds"]})
     mb: dict = {"preset": max_batch_preset, "budget_gib": budget_gib, "points": fits}
     if len(fits) >= 2:
         slope, fixed = np.polyfit([f["batch"] for f in fits], [f["peak_gib"] for f in fits], 1)
@@ -264,20 +260,7 @@ def run(
         mb["per_window_gib"] = float(slope)
         mb["predicted_max_batch"] = int(math.floor((budget_gib - fixed) / slope)) if slope > 0 else None
         if verify and mb["predicted_max_batch"]:
-            p = _point(
-                dict(
-                    preset=max_batch_preset,
-                    batch=mb["predicted_max_batch"],
-                    n_units=base_units,
-                    rate_hz=base_rate,
-                    device=device,
-                    repeats=1,
-                    modes=("train",),
-                    optimizer=True,
-                ),
-                in_process,
-            )
-            mb["verified_peak_gib"] = p["train"]["peak_bytes"] / GIB
+            mb["verified_peak_gib"] = train_point(mb["predicted_max_batch"])["peak_bytes"] / GIB
             mb["verified_fits"] = mb["verified_peak_gib"] <= budget_gib
     result["max_batch"] = mb
     return result

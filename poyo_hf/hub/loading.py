@@ -44,12 +44,4 @@ def load_checkpoint(path_or_id: str | os.PathLike[str], revision: str | None = N
                 "its config.json / model.safetensors must describe the same embedding rows; re-export the model "
                 "and the processor together with save_pretrained)."
             ) from None
-    trunk = getattr(model, "poyo", model)
-    for table, size_name in (("unit_emb", "unit_vocab_size"), ("session_emb", "session_vocab_size")):
-        emb = getattr(trunk, table, None)
-        if emb is not None and emb.num_embeddings != getattr(model.config, size_name):
-            raise ValueError(
-                f"checkpoint {name!r} is inconsistent: {table} has {emb.num_embeddings} rows but "
-                f"config.{size_name} is {getattr(model.config, size_name)}."
-            )
     return model, processor

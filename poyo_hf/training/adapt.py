@@ -157,12 +157,10 @@ def resolve_base(base: str, revision: str | None = None) -> dict[str, Any]:
 
 def load_base(base: str, revision: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, processor, resolved)`` of a base checkpoint (see :func:`resolve_base`)."""
-    from poyo_hf import PoyoForDecoding, PoyoProcessor
+    from poyo_hf.hub.loading import load_checkpoint
 
     resolved = resolve_base(base, revision)
-    model = PoyoForDecoding.from_pretrained(resolved["local_dir"])
-    processor = PoyoProcessor.from_pretrained(resolved["local_dir"])
-    processor.check_config(model.config)
+    model, processor = load_checkpoint(resolved["local_dir"])
     return model, processor, resolved
 
 
@@ -505,36 +503,6 @@ def _check_args(args: AdaptArguments) -> None:
         raise ValueError("--push_delta_to_hub needs --mode unit-identification (only it leaves the base unchanged).")
 
 
-def _dataset_entries(corpus: Any, session_id: str) -> list[dict[str, Any]]:
-    """training_info ``datasets``: provenance from the dataset's poyo_dataset.json summary."""
-    out = []
-    for src, summ in zip(corpus.sources, corpus.summaries):
-        sess = [s for s in summ["sessions"] if s["session_id"] == session_id]
-        if not sess:
-            continue
-        s = sess[0]
-        synthetic = s.get("lab") == "synthetic" or s.get("species") == "synthetic"
-        out.append(
-            {
-                "source": src,
-                "name": Path(src).name if Path(src).is_dir() else src,
-                "provenance": s.get("source") or "",
-                "synthetic": bool(synthetic),
-                "n_sessions": 1,
-                "n_units": int(s["n_units"]),
-                "n_spikes": int(s["n_spikes"]),
-                "duration_s": float(s["duration_s"]),
-            }
-        )
-    return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
-
-
 def prepare(args: AdaptArguments) -> dict[str, Any]:
     """Everything checked and built before training: data, base, vocabulary, datasets.
 
@@ -814,7 +782,7 @@ def adapt(args: AdaptArguments) -> dict[str, Any]:
         "base_model": prep["resolved"]["base_model"],
         "base_revision": prep["resolved"]["base_revision"],
         "base_weights_sha256": prep["resolved"]["weights_sha256"],
-        "datasets": _dataset_entries(prep["corpus"], sid),
+        "datasets": prep["corpus"].provenance([sid]),
         "recipe": recipe,
         "compute": {
             "device": run["device"],
@@ -825,7 +793,7 @@ def adapt(args: AdaptArguments) -> dict[str, Any]:
             "train_windows_seen": run["train_windows_seen"],
         },
     }
-    _write_json(tmp / "training_info.json", info)
+    write_results(tmp / "training_info.json", info)
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
     write_results(out / "eval" / "results.json", results)

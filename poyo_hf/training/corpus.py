@@ -22,6 +22,17 @@ from ..data.windows import Segment
 SUMMARY_FILE = "poyo_dataset.json"
 
 
+def _dataset_pretty_name(src: str, local: bool) -> str | None:
+    """``pretty_name`` from a dataset's card (README.md YAML), if it has one."""
+    try:
+        from huggingface_hub import DatasetCard
+
+        card = DatasetCard.load(Path(src) / "README.md" if local else src, repo_type="dataset")
+        return getattr(card.data, "pretty_name", None)
+    except Exception:  # a card is optional; provenance comes from poyo_dataset.json
+        return None
+
+
 def read_summary(source: str | os.PathLike) -> dict[str, Any]:
     """The summary of a dataset folder or Hub dataset repo."""
     src = str(source)
@@ -65,6 +76,44 @@ class Corpus:
     @property
     def sessions(self) -> list[dict[str, Any]]:
         return [s for summ in self.summaries for s in summ["sessions"]]
+
+    def provenance(self, session_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """``training_info.json``'s ``datasets`` entries: one per source holding any of
+        ``session_ids`` (all sessions when None), counted over those sessions.
+
+        Provenance is read from each source's ``poyo_dataset.json`` (the per-session ``source``
+        strings the converters and the simulator write) and its dataset card, never typed here;
+        a dataset counts as synthetic when every session says so (lab/species ``synthetic`` or a
+        ``source`` naming the simulator).
+        """
+        keep = None if session_ids is None else set(session_ids)
+        out = []
+        for src, summ in zip(self.sources, self.summaries):
+            sessions = [s for s in summ["sessions"] if keep is None or s["session_id"] in keep]
+            if not sessions:
+                continue
+            synthetic = all(
+                "synthetic" in (str(s.get("lab")), str(s.get("species"))) or "synthetic" in str(s.get("source", "")).lower()
+                for s in sessions
+            )
+            local = Path(src).is_dir()
+            out.append(
+                {
+                    "source": src,
+                    "repo_id": None if local else src,
+                    "name": _dataset_pretty_name(src, local) or Path(src).name,
+                    "provenance": "; ".join(sorted({str(s.get("source") or "not stated") for s in sessions})),
+                    "synthetic": synthetic,
+                    "n_sessions": len(sessions),
+                    "n_units": sum(int(s["n_units"]) for s in sessions),
+                    "n_spikes": sum(int(s["n_spikes"]) for s in sessions),
+                    "duration_s": float(sum(float(s["duration_s"]) for s in sessions)),
+                    "session_ids": [s["session_id"] for s in sessions],
+                    "subjects": sorted({str(s.get("subject_id")) for s in sessions}),
+                    "tasks": sorted({str(s.get("task")) for s in sessions}),
+                }
+            )
+        return out
 
     def readouts(self) -> dict[str, int]:
         out: dict[str, int] = {}

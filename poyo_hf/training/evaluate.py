@@ -33,8 +33,7 @@ class EvaluateArguments:
 
 
 def evaluate(args: EvaluateArguments) -> dict[str, Any]:
-    from transformers import AutoModel, AutoProcessor
-
+    from ..hub.loading import load_checkpoint
     from .corpus import Corpus
     from .evaluation import evaluate_decoder, plot_sessions, public_results, write_results
 
@@ -45,9 +44,7 @@ def evaluate(args: EvaluateArguments) -> dict[str, Any]:
     if args.step <= 0:
         raise ValueError(f"--step must be > 0, got {args.step}.")
     corpus = Corpus.from_sources(args.datasets)
-    model = AutoModel.from_pretrained(args.checkpoint, revision=args.revision)
-    processor = AutoProcessor.from_pretrained(args.checkpoint, revision=args.revision)
-    processor.check_config(model.config)
+    model, processor = load_checkpoint(args.checkpoint, revision=args.revision)
     if model.config.model_type == "ndt":
         return _evaluate_ndt(args, corpus, model, processor)
     missing = [s["session_id"] for s in corpus.sessions if s["session_id"] not in processor.session_vocab]

@@ -450,46 +450,18 @@ def training_info(
 ) -> dict[str, Any]:
     """The ``training_info.json`` of an exported checkpoint (contract: /tmp/coord/INTERFACE.md).
 
-    Dataset provenance is read from each source's ``poyo_dataset.json`` (the per-session
-    ``source`` strings the converters and the simulator write) and its dataset card, never
-    typed here; a dataset counts as synthetic when every session says so (lab/species
-    ``synthetic`` or a ``source`` naming the simulator). ``train_windows_seen`` is exact:
+    Dataset provenance comes from :meth:`Corpus.provenance`. ``train_windows_seen`` is exact:
     every optimizer step sees ``global batch`` windows (the stream drops incomplete batches).
     """
     import dataclasses
 
     import transformers
 
-    datasets = []
-    for src, summ in zip(corpus.sources, corpus.summaries):
-        sessions = summ["sessions"]
-        provenance = sorted({str(s.get("source") or "not stated") for s in sessions})
-        synthetic = bool(sessions) and all(
-            "synthetic" in (str(s.get("lab")), str(s.get("species"))) or "synthetic" in str(s.get("source", "")).lower()
-            for s in sessions
-        )
-        local = Path(src).is_dir()
-        datasets.append(
-            {
-                "source": src,
-                "repo_id": None if local else src,
-                "name": _dataset_pretty_name(src, local) or Path(src).name,
-                "provenance": "; ".join(provenance),
-                "synthetic": synthetic,
-                "n_sessions": len(sessions),
-                "n_units": int(summ.get("n_units", sum(int(s["n_units"]) for s in sessions))),
-                "n_spikes": int(summ.get("n_spikes", sum(int(s["n_spikes"]) for s in sessions))),
-                "duration_s": float(sum(float(s["duration_s"]) for s in sessions)),
-                "session_ids": [s["session_id"] for s in sessions],
-                "subjects": sorted({str(s.get("subject_id")) for s in sessions}),
-                "tasks": sorted({str(s.get("task")) for s in sessions}),
-            }
-        )
     return {
         "kind": "full-finetune" if args.init_from else "pretrain",
         "base_model": args.init_from,
         "base_revision": None,
-        "datasets": datasets,
+        "datasets": corpus.provenance(),
         "recipe": json.loads(json.dumps(dataclasses.asdict(args), default=str)),
         "compute": {
             "device": device,
@@ -501,17 +473,6 @@ def training_info(
         },
         "software": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
-
-
-def _dataset_pretty_name(src: str, local: bool) -> str | None:
-    """``pretty_name`` from a dataset's card (README.md YAML), if it has one."""
-    try:
-        from huggingface_hub import DatasetCard
-
-        card = DatasetCard.load(Path(src) / "README.md" if local else src, repo_type="dataset")
-        return getattr(card.data, "pretty_name", None)
-    except Exception:  # a card is optional; provenance comes from poyo_dataset.json
-        return None
 
 
 def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, stream: Any, limit: int) -> None:
