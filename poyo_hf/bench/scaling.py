@@ -19,12 +19,16 @@ measured peak printed beside the budget.
 
 What "peak memory" means here:
 
-* CPU: each point runs in a fresh Python subprocess, because the process's high-water mark
-  never goes down (inference is measured first, then training, which needs more, over the same
-  baseline). The baseline is the resident set size (``/proc/self/statm``)
-  after the batch is built and before the model is (so the model's weights - and for the poyo-1
-  fit its gradients and AdamW moments - count); the peak is
-  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the first call and the timed repeats.
+* CPU: each point runs in a fresh Python subprocess (inference is measured first, then
+  training, which needs more, over the same baseline). The baseline is the resident set size
+  (``/proc/self/statm``) after the batch is built and before the model is (so the model's
+  weights - and for the poyo-1 fit its gradients and AdamW moments - count). At the baseline
+  the kernel's high-water mark is reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0) and
+  the peak is ``VmHWM`` from ``/proc/self/status`` after the first call and the timed repeats.
+  Without the reset, a transient before the baseline (imports, building the batch) can set a
+  mark that the call never reaches, and every batch size then reads the same peak (a CI run read
+  0.172 GiB at batch 1 and at batch 3). Where ``clear_refs`` is not writable (other systems,
+  locked-down containers) the lifetime ``ru_maxrss`` is read instead, with that caveat.
   Peak minus baseline, divided by the batch size, is reported. PyTorch's CPU allocator does not
   cache freed blocks, so this is what the call needed from the OS (the interpreter's own
   allocations during the call are included; they are small next to the activations).
@@ -63,7 +67,23 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _maxrss_bytes() -> int:
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(reset: bool) -> int:
+    """``VmHWM`` since the last reset, else the lifetime ``ru_maxrss``."""
+    if reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
@@ -88,14 +108,17 @@ class _Meter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
+            self.source = "torch.cuda.max_memory_allocated"
         else:
             self.base = _rss_bytes()
+            self.reset = _reset_peak_rss()
+            self.source = "VmHWM since reset" if self.reset else "ru_maxrss (lifetime; no reset possible)"
 
     def peak(self) -> int:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - self.base
-        return _maxrss_bytes() - self.base
+        return _peak_rss_bytes(self.reset) - self.base
 
 
 def _measure_point(
@@ -151,6 +174,7 @@ def _measure_point(
             call(mode)
             times.append(time.perf_counter() - t0)
         out[mode] = {"seconds": percentile(times, 0.5), "peak_bytes": int(meter.peak())}
+    out["peak_source"] = meter.source
     return out
 
 
@@ -209,6 +233,7 @@ def run(
             dict(preset=preset, batch=batch, n_units=n_units, rate_hz=rate, device=device, repeats=repeats), in_process
         )
         row["tokens_per_window"] = p["tokens_per_window"]
+        row["peak_source"] = p["peak_source"]
         for mode in ("train", "infer"):
             row[f"{mode}_ms_per_window"] = 1000 * p[mode]["seconds"] / batch
             row[f"{mode}_peak_mib_per_window"] = p[mode]["peak_bytes"] / batch / 2**20
