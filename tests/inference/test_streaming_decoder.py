@@ -72,10 +72,13 @@ def mp_like():
     return model, processor, units
 
 
-def stream_and_compare(model, processor, session_id, times, ids, steps, rng, decoder, out_times=None):
-    """Push random-size chunks (empty ones, ones running ahead of t_now), step, compare."""
+def stream_and_compare(model, processor, session_id, times, ids, steps, rng, decoder, out_times=None, prepare=False):
+    """Push random-size chunks (empty ones, ones running ahead of t_now), step, compare. With
+    ``prepare``, ``decoder.prepare(next t_now)`` runs after each step (before the next chunks)."""
     pushed, worst = 0, 0.0
     for k, t_now in enumerate(steps):
+        if prepare and k > 0:
+            decoder.prepare(t_now)
         target = int(np.searchsorted(times, t_now + rng.uniform(-0.01, 0.03), side="right"))
         while pushed < target:  # several chunks of random size per step
             n = int(rng.integers(0, 15))
@@ -178,3 +181,60 @@ def test_bad_input_is_refused_with_a_message(mp_like):
     )
     assert n == 3
     np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
+
+
+def test_prepared_steps_equal_offline_and_attend_only_new_spikes(mp_like, rng):
+    """prepare() in the slack, then chunks pushed (random sizes, some running ahead of t_now,
+    the buffer growing and compacting from a tiny start), then step: equal to offline, and the
+    step itself attends only over the spikes pushed after prepare()."""
+    model, processor, units = mp_like
+    times, ids = poisson(units, 4.0, 25.0, rng)
+    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.02, outputs_per_step=2, initial_capacity=8)
+    attended = []  # (during step?, spikes attended) per call
+    in_step = [False]
+    inner_attend, inner_step = decoder._attend_spikes, decoder.step
+
+    def attend(lo, hi, t0, partial):
+        attended.append((in_step[0], hi - lo))
+        return inner_attend(lo, hi, t0, partial)
+
+    def step(*a, **k):
+        in_step[0] = True
+        try:
+            return inner_step(*a, **k)
+        finally:
+            in_step[0] = False
+
+    decoder._attend_spikes, decoder.step = attend, step
+    steps = 1.0 + 0.02 * np.arange(1, 60)
+    stream_and_compare(model, processor, "s", times, ids, steps, rng, decoder, prepare=True)
+    at_step = [n for during, n in attended if during]
+    at_prepare = [n for during, n in attended if not during]
+    assert len(at_prepare) == len(steps) - 1 and len(at_step) == len(steps) - 1  # every step after the first used it
+    # A window holds ~12 units x 25 Hz = 300 spikes; a step adds what arrived in ~20-50 ms.
+    assert np.mean(at_prepare) > 200 and max(at_step) < 60
+    assert decoder._kv.shape[1] > 8 + 2 * len(units)  # grew (and compacted) between prepare and step
+
+
+def test_prepare_for_another_time_is_ignored(mp_like, rng):
+    """A step at a time other than the prepared one runs in full (and stays equal to offline);
+    prepare() refuses times before the last step."""
+    model, processor, units = mp_like
+    times, ids = poisson(units, 3.0, 25.0, rng)
+    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.05)
+    pushed = int(np.searchsorted(times, 1.5, side="right"))
+    decoder.push(times[:pushed], ids[:pushed])
+    decoder.step(1.5)
+    decoder.prepare()  # for 1.55, the default next step
+    assert decoder._prepared[0] == 1.55
+    more = int(np.searchsorted(times, 1.57, side="right"))
+    decoder.push(times[pushed:more], ids[pushed:more])
+    out = decoder.step(1.57)  # a late step: the prepared partial is for another window
+    assert decoder._prepared is None
+    ref, n = offline(model, processor, "s", times[:more], ids[:more], 1.57, out.timestamps)
+    assert out.num_spikes == n
+    np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="t_next .*last step"):
+        decoder.prepare(1.5)
+    with pytest.raises(ValueError, match="t_next"):
+        decoder.prepare(float("nan"))
