@@ -31,6 +31,24 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[
     return out
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall-clock seconds of ``repeats`` calls of each function, interleaved call by call (the
+    order reversed every round) after ``warmup`` untimed rounds, so that every implementation
+    sees the same machine state: on a shared host the speed drifts by tens of percent over
+    seconds, which separate blocks of calls would read as a difference between them."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     v = sorted(values)
     if not v:
