@@ -17,11 +17,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForTimeSeriesPrediction
 
 from poyo_hf import PoyoConfig, PoyoForDecoding, PoyoModel, PoyoProcessor
 from poyo_hf.models.poyo.modeling_poyo import (
-    PoyoDropout,
     PoyoRotaryAttention,
     PoyoRotaryTimeEmbedding,
     apply_rotary,
-    poyo_dropout,
     rotary_frequencies,
 )
 
@@ -159,52 +157,6 @@ def test_sdpa_equals_eager_reference(rng):
         model.set_attn_implementation("eager")
         ref = model(**batch).predictions
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-
-
-def test_dropout_rate_scale_gradient_and_seeding():
-    w = torch.full((4, 2, 128, 1000), 0.5, requires_grad=True)  # 1,024,000 weights
-    assert poyo_dropout(w, 0.2, training=False) is w and poyo_dropout(w, 0.0, training=True) is w
-    torch.manual_seed(0)
-    out = poyo_dropout(w, 0.2, training=True)
-    dropped = (out == 0).double().mean().item()
-    # Binomial(1,024,000, 0.200012): standard deviation 4e-4; 5 of them.
-    assert abs(dropped - 0.2) < 2e-3
-    assert torch.equal(out[out != 0], torch.full_like(out[out != 0], 0.5 / 0.8))  # kept ones scaled by 1/(1-p)
-    out.sum().backward()
-    assert torch.equal(w.grad, (out != 0).float() / 0.8)  # the gradient flows through the kept weights only
-    torch.manual_seed(0)
-    again = poyo_dropout(w.detach(), 0.2, training=True)
-    assert torch.equal(again, out.detach())  # the global torch seed makes it reproducible
-    assert not torch.equal(poyo_dropout(w.detach(), 0.2, training=True), again)
-    assert abs((poyo_dropout(w.detach(), 0.6, training=True) == 0).double().mean().item() - 0.6) < 3e-3
-    with pytest.raises(ValueError, match="dropout probability"):
-        poyo_dropout(w, 1.0, training=True)
-    module = PoyoDropout(0.2)
-    torch.manual_seed(0)
-    assert torch.equal(module(w.detach()), out.detach())  # the module is the same function
-    assert module.eval()(w) is w
-
-
-def test_cpu_training_with_attention_dropout_runs_the_same_on_sdpa_and_eager(rng):
-    """With attention dropout, CPU training takes the eager path (poyo_dropout's cheaper mask)
-    whatever attn_implementation says: the same seed gives the same loss and gradients."""
-    model, proc = make_model(attention_dropout=0.3)
-    model.train()
-    windows = random_windows(rng, 3)
-    for w in windows:
-        w["targets"] = rng.normal(size=(len(w["output_timestamps"]), 2))
-    batch = proc(windows)
-    results = []
-    for impl in ("sdpa", "eager"):
-        model.set_attn_implementation(impl)
-        model.zero_grad()
-        torch.manual_seed(1)
-        loss = model(**batch).loss
-        loss.backward()
-        results.append((loss.detach(), model.poyo.unit_emb.weight.grad.clone()))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    torch.manual_seed(2)
-    assert not torch.equal(model(**batch).loss.detach(), results[0][0])  # the dropout is really on
 
 
 def test_every_parameter_gets_a_gradient_and_no_nan(rng):

@@ -110,42 +110,6 @@ def apply_rotary(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)  # (B, N, H, Dh)
 
 
-def poyo_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` semantics (zero each element with probability ``p``, scale the rest by
-    1 / (1 - p)), with a cheaper random mask on the CPU.
-
-    On the CPU the keep mask comes from 15-bit random integers (``int16.random_()`` draws from
-    [0, 2^15)) compared with ``round(p * 2^15)``, so the drop probability is ``p`` to within
-    1.6e-5 (0.200012 for 0.2). Written by hand because ``F.dropout`` draws one float Bernoulli
-    per element, and that was the largest single cost of a poyo-mp training step on this CPU
-    (~44M attention weights per step at the benchmark batch): for the encoder's 32 x 2 x 128 x
-    2194 weights, mask + multiply + backward took 351 ms with ``F.dropout`` and ~165 ms this way.
-    Other devices use ``F.dropout``.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p=p, training=True)
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"dropout probability must lie in [0, 1), got {p!r}.")
-    keep = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() >= round(p * 32768)
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))  # a float mask: cheaper than where() fwd + bwd
-
-
-class PoyoDropout(nn.Module):
-    """``nn.Dropout`` through :func:`poyo_dropout` (the CPU's cheaper mask)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return poyo_dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -165,7 +129,7 @@ def eager_attention_forward(
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    weights = poyo_dropout(weights, dropout, module.training)
+    weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value)  # (B, H, Nq, Dh)
     return out.transpose(1, 2), weights  # (B, Nq, H, Dh)
 
@@ -244,12 +208,7 @@ class PoyoRotaryAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, Dh)
         mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, Nk)
         attention_interface = eager_attention_forward
-        dropout = self.dropout if self.training else 0.0
-        # Training with attention dropout on the CPU: SDPA falls back to its unfused math path
-        # there (same matmuls as eager) with F.dropout's per-element float Bernoulli; eager's
-        # poyo_dropout draws a cheaper mask. Elsewhere the chosen kernel runs.
-        cpu_dropout = dropout > 0.0 and q.device.type == "cpu"
-        if attn_implementation != "eager" and not cpu_dropout:
+        if attn_implementation != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
         out, _ = attention_interface(
             self,
@@ -258,7 +217,7 @@ class PoyoRotaryAttention(nn.Module):
             v,
             mask,
             scaling=self.scaling,
-            dropout=dropout,
+            dropout=self.dropout if self.training else 0.0,
         )  # (B, Nq, H, Dh)
         if self.rotate_value:
             out = apply_rotary(out, query_phase.conj())  # rotate back by -t_q
@@ -272,7 +231,7 @@ class PoyoFeedForward(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, 2 * mult * dim)
-        self.dropout = PoyoDropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,7 +279,7 @@ class PoyoProcessorLayer(nn.Module):
             self_attention=True,
         )
         self.ffn = PoyoFeedForward(config.hidden_size, config.ffn_mult, config.ffn_dropout)
-        self.dropout = PoyoDropout(config.lin_dropout)
+        self.dropout = nn.Dropout(config.lin_dropout)
 
     def forward(self, latents, latent_rotary, attn_implementation):
         latents = latents + self.dropout(
