@@ -23,8 +23,12 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .training.pretrain import PretrainArguments
 
 # poyo-mp width (dim 64) at depth 2 with 8 latents per step and head dim 32: the shape that left
 # POYO's initial mean-prediction plateau (~1000 steps at batch 16, lr 1e-3) and passed the Wiener
@@ -32,6 +36,24 @@ import numpy as np
 # decode benchmark.
 CPU_OVERRIDES = {"num_hidden_layers": 2, "num_latents_per_step": 8, "num_self_attention_heads": 4, "head_dim": 32}
 CPU_LEARNING_RATE = 1e-3
+
+
+def cpu_pretrain_args(datasets: list[str], output_dir: str | os.PathLike[str], **settings: Any) -> "PretrainArguments":
+    """``PretrainArguments`` for the quickstart's CPU model: poyo-mp with ``CPU_OVERRIDES``,
+    ``CPU_LEARNING_RATE``, no plots. ``settings`` set the rest (``batch_size``, ``max_steps``,
+    ``seed``, ``eval_split``, ...). Shared by the quickstart and the decode / few-shot benchmarks."""
+    from .training.pretrain import PretrainArguments
+
+    fields: dict[str, Any] = dict(
+        datasets=list(datasets),
+        output_dir=str(output_dir),
+        preset="poyo-mp",
+        config_overrides=json.dumps(CPU_OVERRIDES),
+        learning_rate=CPU_LEARNING_RATE,
+        plots=False,
+    )
+    fields.update(settings)
+    return PretrainArguments(**fields)
 
 
 def _shared_mc_maze() -> Path | None:
@@ -144,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     import poyo_hf  # noqa: F401
 
     from .training.evaluate import EvaluateArguments, evaluate, format_table
-    from .training.pretrain import PretrainArguments, train
+    from .training.pretrain import train
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t_start = time.perf_counter()
@@ -158,10 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         import shutil
 
         shutil.rmtree(run_dir)
-    template = PretrainArguments(
-        datasets=sources, output_dir=str(run_dir), preset="poyo-mp", config_overrides=json.dumps(CPU_OVERRIDES),
-        batch_size=args.batch_size, learning_rate=CPU_LEARNING_RATE, seed=args.seed, logging_steps=25, progress=True,
-        plots=False, eval_split="valid",
+    template = cpu_pretrain_args(
+        sources, run_dir, batch_size=args.batch_size, seed=args.seed, logging_steps=25, progress=True, eval_split="valid"
     )
     if args.train_minutes is not None:
         steps, step_s = calibrate_steps(template, 60 * args.train_minutes, 20000)

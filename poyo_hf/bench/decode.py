@@ -80,26 +80,15 @@ def build_sessions(
 
 
 def run_one(sources: list[str], out: Path, steps: int, batch: int, seed: int, progress: bool) -> dict[str, Any]:
-    from poyo_hf.quickstart import CPU_LEARNING_RATE, CPU_OVERRIDES
-    from poyo_hf.training.pretrain import PretrainArguments, train
+    from poyo_hf.quickstart import cpu_pretrain_args
+    from poyo_hf.training.pretrain import train
 
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    args = PretrainArguments(
-        datasets=sources,
-        output_dir=str(out),
-        preset="poyo-mp",
-        config_overrides=json.dumps(CPU_OVERRIDES),
-        batch_size=batch,
-        learning_rate=CPU_LEARNING_RATE,
-        max_steps=steps,
-        seed=seed,
-        logging_steps=50,
-        progress=progress,
-        plots=False,
-        eval_split="test",
+    args = cpu_pretrain_args(
+        sources, out, batch_size=batch, max_steps=steps, seed=seed, logging_steps=50, progress=progress, eval_split="test"
     )
     t0 = time.perf_counter()
     res = train(args)

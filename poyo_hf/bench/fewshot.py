@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..quickstart import CPU_LEARNING_RATE, CPU_OVERRIDES
+from ..quickstart import CPU_LEARNING_RATE, CPU_OVERRIDES, cpu_pretrain_args
 from .common import emit_json, print_table, save_figure, set_threads
 
 METHODS = ("unit-id", "finetune", "scratch", "wiener")
@@ -88,7 +88,7 @@ def build_data(out: Path, seed: int) -> dict[str, Any]:
 
 def ensure_base(out: Path, pretrain_dir: Path, steps: int, seed: int) -> Path:
     """Pretrain the base once; reuse ``out/base/model`` while the settings match."""
-    from poyo_hf.training.pretrain import PretrainArguments, train
+    from poyo_hf.training.pretrain import train
 
     base_dir = out / "base"
     settings = {
@@ -103,18 +103,8 @@ def ensure_base(out: Path, pretrain_dir: Path, steps: int, seed: int) -> Path:
     if marker.is_file() and json.loads(marker.read_text()) == settings and (base_dir / "model").is_dir():
         return base_dir / "model"
     print(f"pretraining the base ({steps} steps; cached in {base_dir})", flush=True)
-    args = PretrainArguments(
-        datasets=[str(pretrain_dir)],
-        output_dir=str(base_dir),
-        preset="poyo-mp",
-        config_overrides=json.dumps(CPU_OVERRIDES),
-        batch_size=16,
-        learning_rate=CPU_LEARNING_RATE,
-        max_steps=steps,
-        seed=seed,
-        logging_steps=50,
-        progress=False,
-        plots=False,
+    args = cpu_pretrain_args(
+        [str(pretrain_dir)], base_dir, batch_size=16, max_steps=steps, seed=seed, logging_steps=50, progress=False,
         eval_split="valid",
     )
     if (base_dir / "checkpoints").exists():
