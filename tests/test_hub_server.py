@@ -25,32 +25,22 @@ from typing import Any
 
 import pytest
 
+from poyo_hf.testing.client import check_result, run_checks
 from poyo_hf.testing.hub_env import hub_environment
 from poyo_hf.testing.hub_server import HubServer, LoopbackHub, serve_hub
 
 HUB_SERVER_FILE = Path(__file__).resolve().parents[1] / "poyo_hf" / "testing" / "hub_server.py"
 
-# The client-side half of every check: runs one named function per check and prints a JSON
-# report (observations or the traceback), so one failing check does not hide the others.
+# Helpers every client body here may use, after poyo_hf.testing.client's check prelude.
 CLIENT_PRELUDE = textwrap.dedent(
     """
-    import hashlib, json, os, pathlib, sys, tempfile, traceback
-    RESULTS = {}
-
-    def check(name):
-        def run(fn):
-            try:
-                RESULTS[name] = {"ok": True, **(fn() or {})}
-            except Exception:
-                RESULTS[name] = {"ok": False, "error": traceback.format_exc()}
-        return run
+    import hashlib, pathlib, tempfile
 
     def big_payload():
         # 3 MiB of deterministic bytes: above the server's 1 MiB LFS threshold.
         return hashlib.sha256(b"poyo").digest() * (3 * 1024 * 1024 // 32)
     """
 )
-CLIENT_EPILOGUE = '\nprint("RESULTS=" + json.dumps(RESULTS))\n'
 
 
 def big_payload() -> bytes:
@@ -66,21 +56,10 @@ def run_client(body: str, server: HubServer, tmp: Path, extra_env: dict[str, str
     workdir.mkdir()
     env = hub_environment(server.url, home)
     env.update(extra_env or {})
-    code = CLIENT_PRELUDE + textwrap.dedent(body) + CLIENT_EPILOGUE
-    proc = subprocess.run(
-        [sys.executable, "-c", code], check=False, env=env, cwd=workdir, capture_output=True, text=True, timeout=240
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
-    assert proc.returncode == 0 and lines, f"client crashed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    report: dict[str, Any] = json.loads(lines[-1][len("RESULTS=") :])
-    return report
+    return run_checks(body, env, workdir, prelude=CLIENT_PRELUDE, timeout=240)
 
 
-def ok(report: dict[str, Any], name: str) -> dict[str, Any]:
-    """The observations of check ``name``, failing the test with the client traceback if it raised."""
-    result: dict[str, Any] = report[name]
-    assert result["ok"], f"client check {name!r} raised:\n{result['error']}"
-    return result
+ok = check_result
 
 
 @pytest.fixture(scope="module")

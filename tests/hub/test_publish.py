@@ -17,9 +17,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,24 +24,14 @@ from typing import Any
 import pytest
 import torch
 
+from poyo_hf.testing.client import check_result, run_checks
 from poyo_hf.testing.hub_env import hub_environment
 from poyo_hf.testing.hub_server import HubServer, LoopbackHub, serve_hub
+from poyo_hf.testing.shapes import TINY_POYO_OVERRIDES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A POYO small enough that a training step takes milliseconds (the preset's shape is overridden;
 # the config keeps preset="poyo-1" and the card says which overrides were applied).
-TINY_OVERRIDES = {
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_latents_per_step": 4,
-    "num_cross_attention_heads": 1,
-    "num_self_attention_heads": 2,
-    "head_dim": 32,
-    "ffn_mult": 2,
-    "unit_dropout_min": 10,
-    "unit_dropout_mode": 30,
-    "unit_dropout_max": 60,
-}
 REPO = "tester/poyo-1"
 SESSION_REPO = "tester/poyo-1-session"
 DATASET_REPO = "tester/tiny-synthetic"
@@ -79,7 +66,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             datasets=[str(corpus)],
             output_dir=str(root / "run"),
             preset="poyo-1",
-            config_overrides=json.dumps(TINY_OVERRIDES),
+            config_overrides=json.dumps(TINY_POYO_OVERRIDES),
             max_steps=3,
             batch_size=4,
             learning_rate=3e-3,
@@ -151,36 +138,7 @@ def hubs() -> Iterator[dict[str, HubServer]]:
         yield {"hub": hub, "locked": locked, "quiet": quiet}
 
 
-PRELUDE = textwrap.dedent(
-    """
-    import json, os, sys, traceback
-    RESULTS = {}
-
-    def check(name):
-        def run(fn):
-            try:
-                RESULTS[name] = {"ok": True, **(fn() or {})}
-            except Exception:
-                RESULTS[name] = {"ok": False, "error": traceback.format_exc()}
-        return run
-    """
-)
-
-
-def run_client(body: str, env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    code = PRELUDE + textwrap.dedent(body) + '\nprint("RESULTS=" + json.dumps(RESULTS))\n'
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS=")]
-    assert proc.returncode == 0 and lines, f"client crashed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS=") :])
-
-
-def ok(report: dict[str, Any], name: str) -> dict[str, Any]:
-    result: dict[str, Any] = report[name]
-    assert result["ok"], f"client check {name!r} raised:\n{result['error']}"
-    return result
+ok = check_result
 
 
 def client_env(url: str, home: Path, *, with_poyo_hf: bool, offline: bool = False) -> dict[str, str]:
@@ -333,14 +291,14 @@ def reports(work: dict[str, Any], hubs: dict[str, HubServer]) -> dict[str, dict[
     cwd.mkdir()
     env = client_env(hubs["hub"].url, root / "home1", with_poyo_hf=True)
     env.update(WORK=payload, LOCKED_URL=hubs["locked"].url, CLOSED_URL=f"http://127.0.0.1:{closed_port()}")
-    route1 = run_client(WITH_POYO_HF, env, cwd)
+    route1 = run_checks(WITH_POYO_HF, env, cwd)
     shas = ok(route1, "push_twice")
     env = client_env(hubs["hub"].url, root / "home2", with_poyo_hf=False)
     env.update(WORK=payload, SHAS=json.dumps(shas))
-    route2 = run_client(WITHOUT_POYO_HF, env, cwd)
+    route2 = run_checks(WITHOUT_POYO_HF, env, cwd)
     env = client_env("http://127.0.0.1:9", root / "home3", with_poyo_hf=False, offline=True)  # no Hub at all
     env.update(WORK=payload)
-    route3 = run_client(OFFLINE_LOCAL, env, cwd)
+    route3 = run_checks(OFFLINE_LOCAL, env, cwd)
     return {"route1": route1, "route2": route2, "route3": route3}
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import TINY_OVERRIDES
 
+from poyo_hf.testing.shapes import TINY_POYO_OVERRIDES
 from poyo_hf.training.evaluate import EvaluateArguments, evaluate
 from poyo_hf.training.pretrain import PretrainArguments, train
+
+TINY_OVERRIDES = json.dumps(TINY_POYO_OVERRIDES)  # the tiny model shape, as the --config_overrides string
 
 
 def base_args(corpus: Path, out: Path, **kw) -> list[str]:
