@@ -21,14 +21,7 @@ def set_threads(n: int) -> None:
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
     """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    return time_interleaved({"fn": fn}, repeats, warmup)["fn"]
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:

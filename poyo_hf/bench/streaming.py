@@ -84,7 +84,7 @@ def run_units(
     pushed = int(np.searchsorted(times, L, side="right"))
     for dec in decoders.values():
         dec.push(times[:pushed], ids[:pushed])
-    step_ms = {name: [] for name in decoders}
+    latencies = {name: [] for name in decoders}
     preds = {name: [] for name in decoders}
     prepare_ms, spikes = [], []
     for i, t_now in enumerate(now):
@@ -100,7 +100,7 @@ def run_units(
                 if i >= warmup:
                     prepare_ms.append(1000 * (time.perf_counter() - t_start))
             if i >= warmup:
-                step_ms[name].append(1000 * elapsed)
+                latencies[name].append(1000 * elapsed)
                 preds[name].append(out.predictions[-1])
         pushed = j
         if i >= warmup:
@@ -132,10 +132,10 @@ def run_units(
     r = {
         "units": n_units,
         "spikes_per_window": float(np.mean(spikes)),
-        "streaming_p50_ms": percentile(step_ms["streaming"], 0.5),
-        "streaming_p99_ms": percentile(step_ms["streaming"], 0.99),
-        "prepared_p50_ms": percentile(step_ms["prepared"], 0.5),
-        "prepared_p99_ms": percentile(step_ms["prepared"], 0.99),
+        "streaming_p50_ms": percentile(latencies["streaming"], 0.5),
+        "streaming_p99_ms": percentile(latencies["streaming"], 0.99),
+        "prepared_p50_ms": percentile(latencies["prepared"], 0.5),
+        "prepared_p99_ms": percentile(latencies["prepared"], 0.99),
         "prepare_p50_ms": percentile(prepare_ms, 0.5),
         "prepare_p99_ms": percentile(prepare_ms, 0.99),
         "offline_p50_ms": percentile(offline_ms, 0.5),
