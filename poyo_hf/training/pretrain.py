@@ -426,6 +426,14 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         write_results(final_dir / "training_info.json", info)
         logger.log({"step": step, "final_eval_r2": results["r2"], "final_wiener_r2": results.get("wiener_r2")})
     accelerator.wait_for_everyone()
+    # Free the DDP wrapper before the process group is destroyed. Its C++ Reducer holds the
+    # group; freed last (at this function's return, with the GIL held) it runs
+    # ~ProcessGroupGloo, which waits for gloo's worker thread while that thread waits for the GIL
+    # to drop a finished all-gather's Python tensors (pytorch/pytorch#56297). One rank then hung
+    # at exit in the 2-process test. Freed here, the Reducer only drops a reference, and
+    # destroy_process_group() (end_training) releases the GIL while the group is torn down.
+    model = optimizer = scheduler = None  # noqa: F841  (our last references; run_eval is done)
+    accelerator.free_memory()  # the accelerator's references, then gc.collect() for any cycles
     accelerator.end_training()
     return results
 
