@@ -20,6 +20,7 @@ from poyo_hf.models.poyo.modeling_poyo import (
     PoyoRotaryAttention,
     PoyoRotaryTimeEmbedding,
     apply_rotary,
+    pad_phase,
     rotary_frequencies,
 )
 
@@ -95,6 +96,64 @@ def test_value_rotation_makes_attention_relative_in_time():
     a = attn(q, emb(tq), c, emb(tc), attn_implementation="eager")
     b = attn(q, emb(tq + 0.01), c, emb(tc + 0.01), attn_implementation="eager")
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_padded_phase_gives_the_same_rotation_and_an_exact_pass_through():
+    emb = PoyoRotaryTimeEmbedding(8, 0.01, 1.0)
+    x = torch.randn(2, 5, 3, 8)  # (B, N, H, Dh)
+    phase = emb(torch.rand(2, 5))  # (B, N, Dh/4)
+    full = pad_phase(phase, 8)
+    assert full.shape == (2, 5, 4)
+    assert torch.equal(full[..., :2], phase) and torch.equal(full[..., 2:], torch.ones(2, 5, 2, dtype=full.dtype))
+    assert pad_phase(full, 8) is full
+    y = apply_rotary(x, full)
+    assert torch.equal(y, apply_rotary(x, phase))
+    assert torch.equal(y[..., 4:], x[..., 4:])  # times 1 + 0i: bit for bit
+    with pytest.raises(ValueError, match="5 pairs but a head of 8 dims has only 4"):
+        pad_phase(torch.ones(2, 5, 5, dtype=torch.complex64), 8)
+
+
+def test_rotary_gradient_is_the_inverse_rotation():
+    """A rotation is orthogonal: d<g, R x>/dx = R^T g = (rotation by -angle) g."""
+    emb = PoyoRotaryTimeEmbedding(8, 0.01, 1.0)
+    phase = emb(torch.rand(2, 5))
+    x = torch.randn(2, 5, 3, 8, requires_grad=True)
+    g = torch.randn(2, 5, 3, 8)
+    (apply_rotary(x, phase) * g).sum().backward()
+    torch.testing.assert_close(x.grad, apply_rotary(g, phase.conj()), atol=1e-6, rtol=1e-6)
+
+
+def test_context_table_with_index_equals_the_gathered_per_token_context():
+    """The encoder projects each distinct (unit, type) row once and gathers K/V per token: the
+    output and every gradient equal those of the per-token context."""
+    torch.manual_seed(0)
+    emb = PoyoRotaryTimeEmbedding(8, 0.05, 2.0)
+    q, tq, tc = torch.randn(3, 4, 16), torch.rand(3, 4), torch.rand(3, 9)
+    table = torch.randn(6, 16, requires_grad=True)
+    index = torch.randint(0, 6, (3, 9))
+    mask = torch.rand(3, 9) > 0.2
+    outs, grads = [], []
+    for use_index in (True, False):
+        torch.manual_seed(1)
+        attn = PoyoRotaryAttention(dim=16, heads=2, head_dim=8, rotate_value=True).eval()
+        table.grad = None
+        context = table if use_index else table[index]
+        out = attn(q, emb(tq), context, emb(tc), mask, "eager", index if use_index else None)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([table.grad] + [p.grad for p in attn.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_token_type_is_refused_with_the_valid_types():
+    model, proc = make_model()
+    batch = dict(proc(random_windows(np.random.default_rng(0), 1)))
+    batch["input_token_type"] = batch["input_token_type"].clone()
+    batch["input_token_type"][0, 0] = model.config.num_token_types
+    with pytest.raises(ValueError, match="input_token_type holds values in .* 0 spike, 1 unit start, 2 unit end"):
+        model(**batch)
 
 
 # --------------------------------------------------------------------------- whole-model invariants

@@ -95,19 +95,35 @@ class PoyoRotaryTimeEmbedding(nn.Module):
             return torch.polar(torch.ones_like(angles), angles)
 
 
+def pad_phase(phase: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Extend phases (..., R) to all ``head_dim // 2`` pairs of a head with phase 1 (angle 0).
+
+    :func:`apply_rotary` then rotates whole heads in one complex product; the padded pairs pass
+    through exactly, since (a + ib)(1 + 0i) = (a*1 - b*0) + i(a*0 + b*1) = a + ib in IEEE
+    arithmetic for finite a, b. Compute it once per time stream and reuse it in every layer.
+    """
+    pairs = head_dim // 2
+    if phase.shape[-1] == pairs:
+        return phase
+    if phase.shape[-1] > pairs:
+        raise ValueError(f"phase has {phase.shape[-1]} pairs but a head of {head_dim} dims has only {pairs}.")
+    ones = torch.ones(*phase.shape[:-1], pairs - phase.shape[-1], dtype=phase.dtype, device=phase.device)
+    return torch.cat((phase, ones), dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``2 * phase.shape[-1]`` dims of every head of ``x`` as interleaved
     pairs (x[2k], x[2k+1]) by the phase's angle; the remaining dims pass through.
 
-    x: (B, N, H, Dh) with heads on dim -2; phase: (B, N, Dh/4) complex (shared by the heads).
-    A pair read as the complex number x[2k] + i x[2k+1] is multiplied by exp(i * angle): one
-    fused complex product instead of the cos/sin/rotate-half sequence, in float32.
+    x: (B, N, H, Dh) with heads on dim -2; phase: (B, N, Dh/4) complex (shared by the heads), or
+    (B, N, Dh/2) already padded by :func:`pad_phase`. A pair read as the complex number
+    x[2k] + i x[2k+1] is multiplied by exp(i * angle), in float32. The whole head goes through
+    one complex product (pass-through pairs times 1, exact): split + rotate + cat cost 2.1x as
+    much on the benchmark batch's encoder keys (32 x 2194 x 4 heads: 50.9 vs 24.0 ms).
     """
-    rot = 2 * phase.shape[-1]
-    x_rot, x_pass = x.split([rot, x.shape[-1] - rot], dim=-1)
-    pairs = torch.view_as_complex(x_rot.float().unflatten(-1, (-1, 2)))  # (B, N, H, Dh/4)
-    rotated = torch.view_as_real(pairs * phase.unsqueeze(-2)).flatten(-2)  # (B, N, H, Dh/2)
-    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)  # (B, N, H, Dh)
+    phase = pad_phase(phase, x.shape[-1])
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, N, H, Dh/2)
+    return torch.view_as_real(pairs * phase.unsqueeze(-2)).flatten(-2).to(x.dtype)  # (B, N, H, Dh)
 
 
 def eager_attention_forward(
@@ -180,9 +196,13 @@ class PoyoRotaryAttention(nn.Module):
         context_phase: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         attn_implementation: str = "sdpa",
+        context_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (B, Nq, D); context (B, Nk, D) or None for self-attention; phases from
         :class:`PoyoRotaryTimeEmbedding`; context_mask bool (B, Nk), True = real token.
+        With ``context_index`` (B, Nk) long, ``context`` is instead a table (M, D) of distinct
+        context rows and token j of window b is row ``context_index[b, j]``: the norm and the K/V
+        projection run once per row and are gathered per token (same result, row by row).
         Returns (B, Nq, D)."""
         H = self.heads
         x = self.norm(hidden_states)
@@ -197,9 +217,11 @@ class PoyoRotaryAttention(nn.Module):
                 qk, v = qkv.split([2 * H, H], dim=2)
                 q, k = apply_rotary(qk, query_phase).split(H, dim=2)
         else:
-            c = self.context_norm(context)
             q = apply_rotary(self.q_proj(x).unflatten(-1, (H, self.head_dim)), query_phase)  # (B, Nq, H, Dh)
-            kv = self.kv_proj(c).unflatten(-1, (2 * H, self.head_dim))  # (B, Nk, 2H, Dh): K heads, V heads
+            kv = self.kv_proj(self.context_norm(context))  # (B, Nk, 2*H*Dh), or (M, 2*H*Dh) per table row
+            if context_index is not None:
+                kv = F.embedding(context_index, kv)  # (B, Nk, 2*H*Dh): gather rows per token
+            kv = kv.unflatten(-1, (2 * H, self.head_dim))  # (B, Nk, 2H, Dh): K heads, V heads
             if self.rotate_value:
                 k, v = apply_rotary(kv, context_phase).split(H, dim=2)
             else:
@@ -258,9 +280,9 @@ class PoyoEncoderLayer(nn.Module):
         )
         self.ffn = PoyoFeedForward(config.hidden_size, config.ffn_mult, config.ffn_dropout)
 
-    def forward(self, latents, latent_rotary, inputs, input_rotary, input_mask, attn_implementation):
+    def forward(self, latents, latent_rotary, inputs, input_rotary, input_mask, attn_implementation, input_index=None):
         latents = latents + self.cross_attn(
-            latents, latent_rotary, inputs, input_rotary, input_mask, attn_implementation
+            latents, latent_rotary, inputs, input_rotary, input_mask, attn_implementation, input_index
         )
         return latents + self.ffn(latents)
 
@@ -528,11 +550,24 @@ class PoyoModel(PoyoPreTrainedModel):
         if not torch.compiler.is_compiling():
             self._check_indices("input_unit_index", input_unit_index, self.unit_emb, fix)
             self._check_indices("session_index", session_index, self.session_emb, fix)
+            self._check_indices(
+                "input_token_type", input_token_type, self.token_type_emb,
+                "token types are 0 spike, 1 unit start, 2 unit end (as PoyoProcessor makes them).",
+            )
         B = input_unit_index.shape[0]
         impl = self.config._attn_implementation or "sdpa"
 
-        inputs = self.unit_emb(input_unit_index) + self.token_type_emb(input_token_type)  # (B, N_in, D)
-        input_rotary = self.rotary_emb(input_timestamps)  # (B, N_in, Dh/4) complex
+        # A spike token's content is its (unit, token type) pair; time enters only through the
+        # rotary phases. So the distinct pairs are embedded once (M rows, M <= units x types) and
+        # the encoder normalises and projects each once, gathering K/V per token: on the benchmark
+        # batch that is ~300 rows instead of 70k tokens.
+        pair = input_unit_index * self.config.num_token_types + input_token_type  # (B, N_in)
+        pairs, input_index = torch.unique(pair, return_inverse=True)  # (M,), (B, N_in)
+        inputs = self.unit_emb(pairs // self.config.num_token_types) + self.token_type_emb(
+            pairs % self.config.num_token_types
+        )  # (M, D)
+        # Phases padded to whole heads once here, reused by every layer (see pad_phase).
+        input_rotary = pad_phase(self.rotary_emb(input_timestamps), self.config.head_dim)  # (B, N_in, Dh/2) complex
 
         if latent_timestamps is None or latent_index is None:
             grid_index, grid_times = self.latent_grid(input_unit_index.device)
@@ -543,15 +578,15 @@ class PoyoModel(PoyoPreTrainedModel):
         if latent_timestamps.dim() == 1:
             latent_timestamps = latent_timestamps.expand(B, -1)
         latents = self.latent_emb(latent_index)  # (B, N_lat, D)
-        latent_rotary = self.rotary_emb(latent_timestamps)  # (B, N_lat, Dh/4) complex
+        latent_rotary = pad_phase(self.rotary_emb(latent_timestamps), self.config.head_dim)  # (B, N_lat, Dh/2)
 
         queries = self.session_emb(session_index)[:, None, :]  # (B, 1, D)
         queries = queries.expand(-1, output_timestamps.shape[1], -1)  # (B, N_out, D)
-        output_rotary = self.rotary_emb(output_timestamps)
+        output_rotary = pad_phase(self.rotary_emb(output_timestamps), self.config.head_dim)
 
         if input_mask is not None:
             input_mask = input_mask.bool()
-        latents = self.encoder(latents, latent_rotary, inputs, input_rotary, input_mask, impl)
+        latents = self.encoder(latents, latent_rotary, inputs, input_rotary, input_mask, impl, input_index)
         for layer in self.layers:
             latents = layer(latents, latent_rotary, impl)
         hidden = self.decoder(queries, output_rotary, latents, latent_rotary, impl)  # (B, N_out, D)
@@ -734,5 +769,6 @@ __all__ = [
     "PoyoRotaryTimeEmbedding",
     "PoyoRotaryAttention",
     "apply_rotary",
+    "pad_phase",
     "rotary_frequencies",
 ]
