@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"poyo-hf: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
+    from poyo_hf.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large tensors reuse mapped pages (poyo_hf/allocator.py; POYO_HF_MALLOC=default to skip)
     module = importlib.import_module(COMMANDS[name][0])
     result = module.main(rest)
     return int(result or 0)

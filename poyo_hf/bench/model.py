@@ -16,6 +16,7 @@ import platform
 import numpy as np
 import torch
 
+from .. import allocator
 from .common import emit_json, percentile, print_table, set_threads, time_interleaved
 
 
@@ -115,6 +116,7 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
         "outputs_per_window": int(batch["output_mask"].sum(1)[0]),
         "torch": torch.__version__,
         "machine": platform.machine(),
+        "malloc": allocator.policy(),  # the same for both implementations: one process
     }
 
     def train_step_ours():
