@@ -15,7 +15,7 @@ bound on those weights), ``cat`` 10% (the backward of the self-attention's Q/K/V
 (``mm``) 7%, softmax forward + backward 10%. Without ``poyo_hf.allocator``'s policy, glibc also
 page-faults every large activation in afresh each step (a further ~30% of the step on the VM this
 was measured on). The reference spends its time in the same kernels; both pay the same dropout and
-attention costs, which is why the ratio stays near 1.2-1.5x (see the closing note of issue 7).
+attention costs, which is why the measured ratio stays near 1.2-1.5x.
 """
 
 from __future__ import annotations
