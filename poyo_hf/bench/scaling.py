@@ -30,7 +30,9 @@ What "peak memory" means here:
   0.172 GiB at batch 1 and at batch 3). Where ``clear_refs`` is not writable (other systems,
   locked-down containers) the lifetime ``ru_maxrss`` is read instead, with that caveat.
   Peak minus baseline, divided by the batch size, is reported. PyTorch's CPU allocator does not
-  cache freed blocks, so this is what the call needed from the OS (the interpreter's own
+  cache freed blocks, and the point subprocesses leave glibc's default policy in place (they
+  never call ``poyo_hf.allocator.keep_freed_memory``, whose kept pages would hide reuse from
+  ``VmHWM``), so this is what the call needed from the OS (the interpreter's own
   allocations during the call are included; they are small next to the activations).
 * CUDA: the same order in this process, with ``torch.cuda.max_memory_allocated`` after
   ``reset_peak_memory_stats`` minus the memory allocated at the baseline (tensors, not the

@@ -509,9 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
     import poyo_hf  # noqa: F401  (Auto registration)
-    from poyo_hf.allocator import keep_freed_memory
 
-    keep_freed_memory()  # also under torchrun / accelerate launch -m, which bypass the poyo-hf command
     parser = HfArgumentParser(PretrainArguments)
     parser.prog = "poyo-hf pretrain"
     parser.description = __doc__.split("\n\n")[0]
@@ -527,4 +525,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # torchrun / accelerate launch -m bypass the poyo-hf command, which applies this itself.
+    from poyo_hf.allocator import keep_freed_memory
+
+    keep_freed_memory()
     raise SystemExit(main())

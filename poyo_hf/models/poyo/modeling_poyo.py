@@ -561,11 +561,9 @@ class PoyoModel(PoyoPreTrainedModel):
         # rotary phases. So the distinct pairs are embedded once (M rows, M <= units x types) and
         # the encoder normalises and projects each once, gathering K/V per token: on the benchmark
         # batch that is ~300 rows instead of 70k tokens.
-        pair = input_unit_index * self.config.num_token_types + input_token_type  # (B, N_in)
-        pairs, input_index = torch.unique(pair, return_inverse=True)  # (M,), (B, N_in)
-        inputs = self.unit_emb(pairs // self.config.num_token_types) + self.token_type_emb(
-            pairs % self.config.num_token_types
-        )  # (M, D)
+        T = self.config.num_token_types
+        pairs, input_index = torch.unique(input_unit_index * T + input_token_type, return_inverse=True)  # (M,), (B, N_in)
+        inputs = self.unit_emb(pairs // T) + self.token_type_emb(pairs % T)  # (M, D)
         # Phases padded to whole heads once here, reused by every layer (see pad_phase).
         input_rotary = pad_phase(self.rotary_emb(input_timestamps), self.config.head_dim)  # (B, N_in, Dh/2) complex
 
