@@ -5,7 +5,7 @@ What is uploaded (staged in a temporary folder; the checkpoint folder itself is 
 * ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json`` (vocabularies), re-saved
   through ``save_pretrained`` from the loaded, checked model and processor, so that both carry
   an ``auto_map`` and the modeling files (``configuration_poyo.py``, ``modeling_poyo.py``,
-  ``processing_poyo.py``) ship beside them: ``from_pretrained(repo, trust_remote_code=True)``
+  ``cpu_kernels.py``, ``processing_poyo.py``) ship beside them: ``from_pretrained(repo, trust_remote_code=True)``
   then works where ``poyo_hf`` is not installed;
 * ``eval_results.json``, ``training_info.json`` and the plots, as they are;
 * ``README.md``: the model card rendered from those files (:func:`render_model_card`).

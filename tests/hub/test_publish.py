@@ -441,6 +441,7 @@ def test_both_routes_load_identical_models_and_processors(
         "modeling_poyo.py",
         "configuration_poyo.py",
         "processing_poyo.py",
+        "cpu_kernels.py",
     } <= files
     # The first push carried the run's plots; the second folder has none, and its push removed
     # them (no stale files from an older push survive on main).

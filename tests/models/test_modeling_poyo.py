@@ -377,6 +377,7 @@ def test_trust_remote_code_loads_in_a_process_without_poyo_hf(tmp_path, rng):
     model.save_pretrained(tmp_path / "ckpt")
     proc.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "modeling_poyo.py").is_file()
+    assert (tmp_path / "ckpt" / "cpu_kernels.py").is_file()  # modeling_poyo's sibling import
     batch = proc(random_windows(rng))
     torch.save({k: v for k, v in batch.items()}, tmp_path / "batch.pt")
     with torch.no_grad():

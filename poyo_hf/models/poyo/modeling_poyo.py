@@ -47,6 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_poyo import PoyoConfig
+from .cpu_kernels import draw_seed, kernels
 
 # ----------------------------------------------------------------------------------------
 # Primitives (plain scalars in, testable against closed-form math)
@@ -150,6 +151,126 @@ def eager_attention_forward(
     return out.transpose(1, 2), weights  # (B, Nq, H, Dh)
 
 
+# ----------------------------------------------------------------------------------------
+# CPU training: dropout without ``bernoulli_``
+# ----------------------------------------------------------------------------------------
+# On the CPU, F.dropout draws its mask with ``bernoulli_``, one float per element from the serial
+# mt19937 generator: 117 ms for the encoder's 18.9M attention weights on the benchmark batch (2
+# threads), more than that layer's softmax (24 ms) and about as much as its attention bmm's. And
+# SDPA's CPU flash kernel refuses dropout, so training used its unfused math path. So on the CPU:
+#  * a mask is a function of a seed drawn from torch's generator (``torch.manual_seed`` still makes
+#    runs reproducible): element i keeps iff its 16-bit uniform u_i >= round(p * 65536), and kept
+#    values are scaled by 1 / P(keep), the exact inverse (P(keep) is 1 - p within 7.7e-6), so
+#    E[dropout(x)] = x. Backward regenerates the mask from the seed instead of storing it.
+#  * the uniforms come from a counter-based hash in a small compiled loop (cpu_kernels.py; one pass,
+#    9 ms for those 18.9M) or, without a C++ compiler, from 64-bit draws of a generator seeded with
+#    the seed, split in four (26 ms).
+#  * attention keeps P and A = P * M / P(keep) for backward, never the mask (_CpuDropoutAttention).
+# GPUs keep F.dropout and SDPA's fused kernels.
+
+
+def _dropout_threshold(p: float) -> tuple[int, float]:
+    """(drop, scale): u16 < drop drops an element; scale = 1 / P(keep)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must lie in [0, 1), got {p}.")
+    drop = round(p * 65536)
+    return drop, 65536.0 / (65536 - drop)
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``x * keep / P(keep)`` for a CPU float32 tensor, with ``keep`` a function of ``seed`` (and of
+    the element's flat index): the same seed gives the same mask. P(keep) = 1 - p within 7.7e-6."""
+    drop, scale = _dropout_threshold(p)
+    ext = kernels()
+    if ext is not None:
+        return ext.dropout_apply(x, drop, seed, scale)
+    n = x.numel()
+    gen = torch.Generator().manual_seed(seed % 2**64)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=gen)
+    uniforms = words.view(torch.int16)[:n].view(x.shape)  # u - 32768, uniform over the int16 range
+    keep = torch.ge(uniforms, drop - 32768, out=torch.empty(x.shape))  # float 0/1
+    return torch.addcmul(x.new_zeros(()), x, keep, value=scale)  # x * keep * scale, one pass
+
+
+class _CpuDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.p, ctx.seed = p, draw_seed()
+        return seeded_dropout(x, p, ctx.seed)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return seeded_dropout(grad, ctx.p, ctx.seed), None  # the same mask and scale
+
+
+class PoyoDropout(nn.Dropout):
+    """``nn.Dropout`` that trains on CPU float32 tensors with :func:`seeded_dropout` (masks 13x
+    cheaper than ``bernoulli_``); elsewhere (eval, GPU, other dtypes, in place) it is ``nn.Dropout``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu" and x.dtype == torch.float32 and not self.inplace:
+            return _CpuDropout.apply(x, self.p)
+        return super().forward(x)
+
+
+class _CpuDropoutAttention(torch.autograd.Function):
+    """out = A v with A = softmax(q k^T * scale, masked) * M / P(keep), M from :func:`seeded_dropout`.
+
+    Saves P and A (the math path saves P, the mask and A). Backward needs no mask: with dA the
+    gradient of A, dS_j = P_j (s M_j dA_j - sum_k P_k s M_k dA_k) = A_j dA_j - P_j D, where s is
+    the scale and D = sum_k A_k dA_k.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, scale: float, p: float):
+        # Heads-major copies, made once: q, k, v arrive as (B, N, H, Dh) transposed views, and
+        # matmul would copy each of them again on every use in forward and backward.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (B, H, N, Dh)
+        scores = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, Nq, Nk)
+        if key_mask is not None:
+            scores.masked_fill_(~key_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        kept = seeded_dropout(probs, p, draw_seed())  # A, (B, H, Nq, Nk)
+        ctx.save_for_backward(q, k, v, probs, kept)
+        ctx.scale = scale
+        return torch.matmul(kept, v)  # (B, H, Nq, Dh)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs, kept = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_v = torch.matmul(kept.transpose(-1, -2), grad_out)  # (B, H, Nk, Dh)
+        grad_s = torch.matmul(grad_out, v.transpose(-1, -2))  # dA, (B, H, Nq, Nk)
+        ext = kernels()
+        if ext is not None:
+            ext.softmax_dropout_grad_(grad_s, kept, probs)  # in place, one pass per row
+        else:
+            grad_s.mul_(kept)  # A dA
+            grad_s.addcmul_(probs, grad_s.sum(-1, keepdim=True), value=-1.0)  # A dA - P D
+        grad_q = torch.matmul(grad_s, k).mul_(ctx.scale)  # (B, H, Nq, Dh)
+        grad_k = torch.matmul(grad_s.transpose(-1, -2), q).mul_(ctx.scale)  # (B, H, Nk, Dh)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def cpu_dropout_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float,
+) -> torch.Tensor:
+    """Attention with dropout on the weights for CPU float32 training (see the section comment).
+
+    query (B, H, Nq, Dh), key/value (B, H, Nk, Dh), key_mask bool (B, 1, 1, Nk) True = attend, every
+    query row with at least one key. Returns (B, Nq, H, Dh) like the transformers interface.
+    """
+    if not 0.0 < dropout < 1.0:
+        raise ValueError(f"cpu_dropout_attention needs a dropout probability in (0, 1), got {dropout}.")
+    return _CpuDropoutAttention.apply(query, key, value, key_mask, scaling, dropout).transpose(1, 2)
+
+
 class PoyoRotaryAttention(nn.Module):
     """Pre-norm multi-head (cross- or self-) attention with rotary time embeddings.
 
@@ -187,6 +308,19 @@ class PoyoRotaryAttention(nn.Module):
             self.q_proj = nn.Linear(dim, inner, bias=False)
             self.kv_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.o_proj = nn.Linear(inner, dim)
+
+    def _cpu_dropout_path(self, q: torch.Tensor, mask: torch.Tensor | None, attn_implementation: str) -> bool:
+        """Train with :func:`cpu_dropout_attention` instead of SDPA's math fallback: CPU float32
+        training with attention dropout under the default "sdpa" implementation ("eager" stays the
+        explicit reference), when every window has a real key (SDPA gives such rows zeros)."""
+        return (
+            self.training
+            and 0.0 < self.dropout < 1.0
+            and attn_implementation == "sdpa"
+            and q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and (mask is None or bool(mask.any(-1).all()))
+        )
 
     def forward(
         self,
@@ -229,18 +363,21 @@ class PoyoRotaryAttention(nn.Module):
                 k = apply_rotary(k, context_phase)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, Dh)
         mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, Nk)
-        attention_interface = eager_attention_forward
-        if attn_implementation != "eager":
-            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
-        out, _ = attention_interface(
-            self,
-            q,
-            k,
-            v,
-            mask,
-            scaling=self.scaling,
-            dropout=self.dropout if self.training else 0.0,
-        )  # (B, Nq, H, Dh)
+        if self._cpu_dropout_path(q, mask, attn_implementation):
+            out = cpu_dropout_attention(q, k, v, mask, self.scaling, self.dropout)  # (B, Nq, H, Dh)
+        else:
+            attention_interface = eager_attention_forward
+            if attn_implementation != "eager":
+                attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)
+            out, _ = attention_interface(
+                self,
+                q,
+                k,
+                v,
+                mask,
+                scaling=self.scaling,
+                dropout=self.dropout if self.training else 0.0,
+            )  # (B, Nq, H, Dh)
         if self.rotate_value:
             out = apply_rotary(out, query_phase.conj())  # rotate back by -t_q
         return self.o_proj(out.flatten(-2))  # (B, Nq, H*Dh) -> (B, Nq, D)
@@ -253,7 +390,7 @@ class PoyoFeedForward(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, 2 * mult * dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = PoyoDropout(dropout)
         self.fc2 = nn.Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,7 +438,7 @@ class PoyoProcessorLayer(nn.Module):
             self_attention=True,
         )
         self.ffn = PoyoFeedForward(config.hidden_size, config.ffn_mult, config.ffn_dropout)
-        self.dropout = nn.Dropout(config.lin_dropout)
+        self.dropout = PoyoDropout(config.lin_dropout)
 
     def forward(self, latents, latent_rotary, attn_implementation):
         latents = latents + self.dropout(
