@@ -140,3 +140,73 @@ print("RESULT=" + json.dumps({{"windows": n_windows, "spikes": n_spikes,
     out = json.loads(lines[-1][len("RESULT="):])
     assert out["sessions"] == len(recs)
     assert out["windows"] == out["local_windows"] > 0 and out["spikes"] > 0
+
+
+def _same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(torch.nan_to_num(x[k]), torch.nan_to_num(y[k])), k
+
+
+def test_background_batches_match_the_stream_and_resume_from_their_own_state(corpus):
+    from poyo_hf.data.stream import BackgroundBatches
+
+    folder, _, proc = corpus
+    drop = UnitDropout(min_units=10, mode_units=20, max_units=40)
+
+    def stream():
+        ds = load_segments_dataset(folder, "train", streaming=True)
+        return PoyoWindowStream(ds, proc, batch_size=4, unit_dropout=drop, shuffle_buffer=16, seed=9)
+
+    per_epoch = len(list(stream()))
+    sync = stream()
+    it = sync.epochs()
+    expected = [next(it) for _ in range(per_epoch + 3)]  # into the second epoch
+    with BackgroundBatches(stream(), depth=3) as bg:
+        got = [next(bg) for _ in range(per_epoch + 3)]
+        # The producer has run ahead; the state is that of the batches handed out.
+        assert bg.state_dict() == sync.state_dict() == {"epoch": 1, "batches_in_epoch": 3, "seed": 9}
+        assert bg.epoch == 1
+        state = json.loads(json.dumps(bg.state_dict()))
+    _same_batches(got, expected)
+    resumed = stream()
+    resumed.load_state_dict(state)
+    again = resumed.epochs()
+    _same_batches([next(again) for _ in range(2)], [next(it) for _ in range(2)])
+
+
+def test_background_batches_reraise_worker_errors_and_stop_on_close(corpus):
+    from poyo_hf.data.stream import BackgroundBatches
+
+    class Failing:
+        epoch = 0
+
+        def state_dict(self):
+            return {"epoch": 0, "batches_in_epoch": 0, "seed": 0}
+
+        def epochs(self):
+            yield {"x": torch.zeros(1)}
+            raise OSError("shard 3 unreadable")
+
+    bg = BackgroundBatches(Failing(), depth=1)
+    assert torch.equal(next(bg)["x"], torch.zeros(1))
+    with pytest.raises(OSError, match="shard 3 unreadable"):
+        next(bg)
+    bg.close()
+
+    class Endless(Failing):
+        def epochs(self):
+            while True:
+                yield {"x": torch.ones(1)}
+
+    bg = BackgroundBatches(Endless(), depth=2)
+    worker = bg._it._workers[0]
+    next(bg)
+    bg.close()  # the worker is blocked on a full queue: close must still stop it
+    assert not worker.is_alive()
+    with pytest.raises(StopIteration):
+        next(bg)
+    with pytest.raises(ValueError, match="depth"):
+        BackgroundBatches(Endless(), depth=0)

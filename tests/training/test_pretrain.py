@@ -101,7 +101,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_corpus, tmp_path
     common = dict(max_steps=24, save_steps=8, eval_split="valid")
     res = run_cli(base_args(tiny_corpus, full, **common))
     assert res.returncode == 0, res.stderr[-3000:]
-    proc = subprocess.Popen([sys.executable, "-m", "poyo_hf.training.pretrain", *base_args(tiny_corpus, killed, **common)],
+    # The interrupted run makes its batches in a worker process that runs ahead of training: its
+    # checkpoints must still record the batches consumed, and the result equal the in-loop run's.
+    proc = subprocess.Popen([sys.executable, "-m", "poyo_hf.training.pretrain",
+                             *base_args(tiny_corpus, killed, prefetch_batches=2, **common)],
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "step_16" / "stream_state.json"
     deadline = time.time() + 300
@@ -111,7 +114,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_corpus, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model").exists()  # killed before the end
-    res = run_cli(base_args(tiny_corpus, killed, resume="true", **common))
+    res = run_cli(base_args(tiny_corpus, killed, resume="true", prefetch_batches=2, **common))
     assert res.returncode == 0, res.stderr[-3000:]
     a = load_file(full / "model" / "model.safetensors")
     b = load_file(killed / "model" / "model.safetensors")
@@ -157,6 +160,8 @@ def test_bad_input_fails_before_training(tiny_corpus, tmp_path):
         train(args(datasets=[]))
     with pytest.raises(ValueError, match="eval_split"):
         train(args(eval_split="nope"))
+    with pytest.raises(ValueError, match="prefetch_batches must be >= 0, got -1"):
+        train(args(prefetch_batches=-1))
     assert not (tmp_path / "bad" / "checkpoints").exists()
     # A resume directory from a different configuration is refused before any training.
     train(args(max_steps=2, save_steps=1, output_dir=str(tmp_path / "r")))
