@@ -4,7 +4,7 @@
    ``poyo_hf.data.synthetic``) and, when ``../shared/data/mc_maze_2trials`` is present, converts
    the two real MC_Maze trials too (trial 748 trains, trial 1356 is held out);
 2. writes them as local dataset folders (parquet + card) and streams them;
-3. pretrains a ``poyo-mp``-shaped POYO for 3000 steps (about 5.5 min on 2 idle cores; a fixed
+3. pretrains a ``poyo-mp``-shaped POYO for 3000 steps (about 3.5 min on 2 idle cores; a fixed
    count rather than a time budget, so the result does not depend on the machine's load:
    POYO leaves its initial mean-prediction plateau after ~1000-2000 steps, and runs cut at
    ~1800 steps scored R^2 0.47, at ~2300 steps 0.80);
