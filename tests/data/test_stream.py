@@ -79,13 +79,17 @@ def test_split_dataset_by_node_partitions_the_shards(corpus):
     assert sorted(rank0 + rank1) == sorted(every)
 
 
-def test_streamed_training_resumes_exactly(corpus):
+def _training_stream(corpus) -> PoyoWindowStream:
+    """A fresh training stream over the corpus (unit dropout and shuffling on, seed 9)."""
     folder, _, proc = corpus
+    ds = load_segments_dataset(folder, "train", streaming=True)
     drop = UnitDropout(min_units=10, mode_units=20, max_units=40)
+    return PoyoWindowStream(ds, proc, batch_size=4, unit_dropout=drop, shuffle_buffer=16, seed=9)
 
+
+def test_streamed_training_resumes_exactly(corpus):
     def stream():
-        ds = load_segments_dataset(folder, "train", streaming=True)
-        return PoyoWindowStream(ds, proc, batch_size=4, unit_dropout=drop, shuffle_buffer=16, seed=9)
+        return _training_stream(corpus)
 
     full = list(stream())
     s = stream()
@@ -153,12 +157,8 @@ def _same_batches(a, b):
 def test_background_batches_match_the_stream_and_resume_from_their_own_state(corpus):
     from poyo_hf.data.stream import BackgroundBatches
 
-    folder, _, proc = corpus
-    drop = UnitDropout(min_units=10, mode_units=20, max_units=40)
-
     def stream():
-        ds = load_segments_dataset(folder, "train", streaming=True)
-        return PoyoWindowStream(ds, proc, batch_size=4, unit_dropout=drop, shuffle_buffer=16, seed=9)
+        return _training_stream(corpus)
 
     per_epoch = len(list(stream()))
     sync = stream()

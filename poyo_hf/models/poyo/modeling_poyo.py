@@ -156,8 +156,8 @@ def eager_attention_forward(
 # ----------------------------------------------------------------------------------------
 # On the CPU, F.dropout draws its mask with ``bernoulli_``, one float per element from the serial
 # mt19937 generator: 117 ms for the encoder's 18.9M attention weights on the benchmark batch (2
-# threads), more than that layer's softmax (24 ms) and about as much as its attention bmm's. And
-# SDPA's CPU flash kernel refuses dropout, so training used its unfused math path. So on the CPU:
+# threads), more than that layer's softmax (24 ms) and forward bmm's (~33 ms) together. And SDPA's
+# CPU flash kernel refuses dropout, so training used its unfused math path. So on the CPU:
 #  * a mask is a function of a seed drawn from torch's generator (``torch.manual_seed`` still makes
 #    runs reproducible): element i keeps iff its 16-bit uniform u_i >= round(p * 65536), and kept
 #    values are scaled by 1 / P(keep), the exact inverse (P(keep) is 1 - p within 7.7e-6), so
@@ -312,7 +312,8 @@ class PoyoRotaryAttention(nn.Module):
     def _cpu_dropout_path(self, q: torch.Tensor, mask: torch.Tensor | None, attn_implementation: str) -> bool:
         """Train with :func:`cpu_dropout_attention` instead of SDPA's math fallback: CPU float32
         training with attention dropout under the default "sdpa" implementation ("eager" stays the
-        explicit reference), when every window has a real key (SDPA gives such rows zeros)."""
+        explicit reference), when every window has a real key (SDPA returns zeros for a window without
+        any, checked on torch 2.13; that case keeps SDPA)."""
         return (
             self.training
             and 0.0 < self.dropout < 1.0
