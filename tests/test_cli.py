@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -46,6 +47,7 @@ def test_bench_model_prints_a_table_and_json():
     lines = res.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["ours_train_steps_per_s"] > 0 and result["ours_latency_p50_ms"] > 0
+    assert result["cpu_dropout_kernels"] is (shutil.which("c++") is not None or shutil.which("g++") is not None)
     assert "train steps/s" in res.stdout
     try:
         import torch_brain  # noqa: F401

@@ -136,6 +136,11 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
         "machine": platform.machine(),
         "malloc": allocator.policy(),  # the same for both implementations: one process
     }
+    from ..models.poyo.cpu_kernels import kernels
+
+    # Which mask source our CPU training used: the compiled loop, or plain torch ops where it could
+    # not be built (or POYO_HF_CPU_KERNELS=0). Built here, before any timing.
+    results["cpu_dropout_kernels"] = kernels() is not None
 
     def train_step_ours():
         opt.zero_grad(set_to_none=True)
