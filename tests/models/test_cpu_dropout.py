@@ -71,6 +71,19 @@ def test_masks_follow_the_seed_and_torch_manual_seed(mask_source):
     assert cpu_kernels.draw_seed() == s1
 
 
+def test_masks_do_not_depend_on_the_thread_count(mask_source):
+    x = torch.randn(300_001)  # not a multiple of the 4 elements per hash word
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mp.seeded_dropout(x, 0.2, 11)
+        torch.set_num_threads(2)
+        two = mp.seeded_dropout(x, 0.2, 11)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_dropout_probability_out_of_range_is_refused():
     with pytest.raises(ValueError, match=r"\[0, 1\).*1.0"):
         mp.seeded_dropout(torch.ones(3), 1.0, 0)

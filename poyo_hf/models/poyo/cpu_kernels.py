@@ -3,15 +3,19 @@
 Why by hand: on the CPU, ``F.dropout`` draws one float per element from the serial mt19937
 generator (``bernoulli_``: 117 ms for the 18.9M encoder attention weights of the benchmark batch,
 2 threads), and nothing in torch, numpy or elsewhere draws dropout masks faster on the CPU. Here
-each group of four elements gets its 16-bit uniforms from one counter-based hash (SplitMix64's
-finaliser of ``seed + group * golden``, the generator ``numpy`` and ``java.util`` use), so:
+each group of four elements gets its 16-bit uniforms from one counter-based hash (the output
+function of SplitMix64, Steele, Lea & Flood 2014, the generator of ``java.util.SplittableRandom``,
+applied to ``seed + group * golden ratio``), so:
 
-* a mask costs one pass over the tensor, and threads split it without sharing generator state;
+* a mask costs one pass over the tensor, threads split it without sharing generator state, and
+  it is the same whatever the thread count;
 * backward regenerates the mask from the seed instead of storing it;
 * the seed is drawn from torch's default generator, so ``torch.manual_seed`` still makes runs
   reproducible.
 
-``dropout_apply(x, p, seed)`` returns x * keep / P(keep) with keep = [u16 >= round(p * 65536)];
+``dropout_apply(x, drop, seed, scale)`` returns ``x * scale`` where an element's 16-bit uniform is
+>= ``drop`` and 0 elsewhere (``modeling_poyo.seeded_dropout`` passes drop = round(p * 65536) and
+scale = 1 / P(keep));
 ``softmax_dropout_grad_(grad, kept, probs)`` is the softmax-with-dropout backward row kernel
 (see ``_CpuDropoutAttention``). The C++ is compiled once per machine with
 ``torch.utils.cpp_extension.load_inline`` (~30 s, cached in ``TORCH_EXTENSIONS_DIR``); without a
@@ -145,7 +149,7 @@ def _build():
         logging.get_logger(__name__).info("poyo_hf: building the CPU dropout kernels (once per machine, ~30 s)")
 
         return load_inline(
-            name="poyo_hf_cpu_dropout_v2",
+            name="poyo_hf_cpu_dropout",
             cpp_sources=_SOURCE,
             functions=["dropout_apply", "softmax_dropout_grad_"],
             extra_cflags=["-O3", "-fopenmp-simd"],
