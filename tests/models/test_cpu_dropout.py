@@ -205,14 +205,15 @@ def test_windows_without_any_key_fall_back_to_sdpa():
     assert not attn.eval()._cpu_dropout_path(q, None, "sdpa")
 
 
-def test_build_failure_warns_and_falls_back(monkeypatch):
+def test_build_failure_warns_and_falls_back(monkeypatch, request):
     import torch.utils.cpp_extension as ext
 
     def broken(*args, **kwargs):
         raise OSError("no compiler here")
 
     monkeypatch.delenv("POYO_HF_CPU_KERNELS", raising=False)
-    monkeypatch.setattr(cpu_kernels, "_state", {})
+    cpu_kernels._build.cache_clear()
+    request.addfinalizer(cpu_kernels._build.cache_clear)  # later tests build (load) it again
     monkeypatch.setattr(ext, "load_inline", broken)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         assert cpu_kernels.kernels() is None

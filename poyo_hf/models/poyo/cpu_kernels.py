@@ -25,8 +25,8 @@ torch ops instead (same distributions, slower).
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 import warnings
 
 import torch
@@ -124,23 +124,17 @@ torch::Tensor softmax_dropout_grad_(torch::Tensor grad, torch::Tensor kept, torc
 }
 """
 
-_lock = threading.Lock()
-_state: dict = {}
-
-
 def kernels():
     """The compiled extension module, or None where it cannot be built (no compiler, a build
     error, or ``POYO_HF_CPU_KERNELS=0``); built on the first call and then cached."""
     if os.environ.get("POYO_HF_CPU_KERNELS", "1") == "0":
         return None
-    if "module" in _state:
-        return _state["module"]
-    with _lock:
-        if "module" not in _state:
-            _state["module"] = _build()
-    return _state["module"]
+    return _build()
 
 
+# Cached: one build (or one failed attempt and its warning) per process. Two threads racing here
+# at most load twice; load_inline holds a file lock around the build itself.
+@functools.cache
 def _build():
     try:
         from torch.utils.cpp_extension import load_inline

@@ -264,10 +264,9 @@ def cpu_dropout_attention(
     """Attention with dropout on the weights for CPU float32 training (see the section comment).
 
     query (B, H, Nq, Dh), key/value (B, H, Nk, Dh), key_mask bool (B, 1, 1, Nk) True = attend, every
-    query row with at least one key. Returns (B, Nq, H, Dh) like the transformers interface.
+    query row with at least one key. Returns (B, Nq, H, Dh) like the transformers interface;
+    ``dropout`` in [0, 1) (checked by :func:`seeded_dropout`).
     """
-    if not 0.0 < dropout < 1.0:
-        raise ValueError(f"cpu_dropout_attention needs a dropout probability in (0, 1), got {dropout}.")
     return _CpuDropoutAttention.apply(query, key, value, key_mask, scaling, dropout).transpose(1, 2)
 
 
