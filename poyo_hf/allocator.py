@@ -7,7 +7,7 @@ memory in again. A poyo-mp training step on the benchmark batch allocates dozens
 tensors (the encoder's attention weights alone are 32 x 2 x 128 x 2194 floats, 72 MiB). On the
 2-core VM this project was developed on, one elementwise product of two such tensors took
 26.6 ms into a fresh tensor against 6.8 ms with this module's policy, and a whole training step
-1.77-1.85 s against 1.16-1.27 s, at the same peak RSS.
+0.97-1.09 s against 0.73-0.80 s (peak RSS 1.58-1.59 vs 1.68-1.71 GB).
 
 :func:`keep_freed_memory` asks glibc (``mallopt``) to serve every block from its heaps and to
 keep freed memory instead of returning it to the OS. The process's resident memory then stays
