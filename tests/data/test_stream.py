@@ -4,6 +4,8 @@ sessions mixed, split across processes, and resumed exactly."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -202,7 +204,7 @@ def test_background_batches_reraise_worker_errors_and_stop_on_close(corpus):
                 yield {"x": torch.ones(1)}
 
     bg = BackgroundBatches(Endless(), depth=2)
-    worker = bg._it._workers[0]
+    worker = bg._worker
     next(bg)
     bg.close()  # the worker is blocked on a full queue: close must still stop it
     assert not worker.is_alive()
@@ -210,3 +212,74 @@ def test_background_batches_reraise_worker_errors_and_stop_on_close(corpus):
         next(bg)
     with pytest.raises(ValueError, match="depth"):
         BackgroundBatches(Endless(), depth=0)
+
+
+class _Growing:
+    """Batches that outgrow the worker's shared slots (1 MiB each at first), with a non-tensor value."""
+
+    epoch = 0
+
+    def __init__(self, sizes):
+        self.sizes, self.done = sizes, 0
+
+    def state_dict(self):
+        return {"epoch": 0, "batches_in_epoch": self.done, "seed": 0}
+
+    def epochs(self):
+        for n in self.sizes:
+            g = torch.Generator().manual_seed(n)
+            self.done += 1
+            yield {
+                "x": torch.randn(n, generator=g),
+                "ids": torch.randint(-(2**40), 2**40, (n // 3, 3), generator=g),
+                "mask": torch.rand(n, generator=g) > 0.5,
+                "t": torch.rand(2, dtype=torch.float64, generator=g),
+                "empty": torch.zeros(0, 4),
+                "name": f"batch of {n}",
+            }
+
+
+def test_background_batches_hand_over_every_dtype_and_growing_batches_exactly():
+    from poyo_hf.data.stream import BackgroundBatches
+
+    sizes = [10, 1000, 600_000, 7, 900_000, 3]  # 600k floats + ids + mask > 1 MiB: the ring is re-made
+    expected = list(_Growing(sizes).epochs())
+    with BackgroundBatches(_Growing(sizes), depth=2) as bg:
+        got = [next(bg) for _ in sizes]
+        assert bg.state_dict()["batches_in_epoch"] == len(sizes)
+        with pytest.raises(StopIteration):  # a finite stream ends the iteration
+            next(bg)
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys() and g["name"] == e["name"]
+        for k in ("x", "ids", "mask", "t", "empty"):
+            assert g[k].dtype == e[k].dtype and torch.equal(g[k], e[k]), k
+    # The batches own their memory: the worker reusing its slots later changes none of them.
+    assert torch.equal(got[1]["x"], expected[1]["x"])
+    got[0]["x"].add_(1)  # writable
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="process priorities are POSIX")
+def test_background_batches_worker_runs_at_lower_priority_and_its_death_is_reported():
+    from poyo_hf.data.stream import BackgroundBatches
+
+    class Endless:
+        epoch = 0
+
+        def state_dict(self):
+            return {"epoch": 0, "batches_in_epoch": 0, "seed": 0}
+
+        def epochs(self):
+            while True:
+                yield {"x": torch.ones(3)}
+
+    bg = BackgroundBatches(Endless(), depth=2)
+    next(bg)
+    # Its credits must not preempt the training loop (see _produce): a higher niceness.
+    assert os.getpriority(os.PRIO_PROCESS, bg._worker.pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    os.kill(bg._worker.pid, signal.SIGKILL)
+    bg._worker.join()
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        for _ in range(4):  # batches already sent come first
+            next(bg)
+    with pytest.raises(StopIteration):
+        next(bg)

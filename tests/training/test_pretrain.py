@@ -99,7 +99,7 @@ def test_evaluate_command_scores_a_checkpoint(tiny_corpus, tmp_path):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_corpus, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     common = dict(max_steps=24, save_steps=8, eval_split="valid")
-    res = run_cli(base_args(tiny_corpus, full, **common))
+    res = run_cli(base_args(tiny_corpus, full, prefetch_batches=0, **common))  # batches made in the loop
     assert res.returncode == 0, res.stderr[-3000:]
     # The interrupted run makes its batches in a worker process that runs ahead of training: its
     # checkpoints must still record the batches consumed, and the result equal the in-loop run's.
