@@ -47,6 +47,9 @@ def test_bench_model_prints_a_table_and_json():
     lines = res.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["ours_train_steps_per_s"] > 0 and result["ours_latency_p50_ms"] > 0
+    # The floor runs a subset of the forward's work (its matrix products alone).
+    assert 0 < result["matmul_floor_p50_ms"] < result["ours_latency_p50_ms"]
+    assert "matrix products only (floor)" in res.stdout
     assert result["cpu_dropout_kernels"] is (shutil.which("c++") is not None or shutil.which("g++") is not None)
     assert "train steps/s" in res.stdout
     try:

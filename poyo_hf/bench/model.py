@@ -18,10 +18,11 @@ also page-faults every large activation in afresh each step (a further ~30% on t
 measured on).
 
 Batch-1 latency is bounded by arithmetic: a forward is ~665 MFLOP of matrix products (encoder
-cross-attention 144, the six latent layers 480, decoder and FFNs the rest), 4.4 ms at the best
-fp32 rate measured for these shapes on 2 threads (~150 GFLOP/s) before any softmax, norm or
-rotary, against ~10-12 ms for the reference; bf16 autocast measured no faster on this CPU (12.7
-vs 12.1 ms fp32, same run).
+cross-attention 144, the six latent layers 480, decoder and FFNs the rest). The ``floor`` row
+times exactly those ``mm`` / ``addmm`` / SDPA calls alone (:func:`matmul_floor`), interleaved
+with both forwards: 0.43-0.47x the reference's latency (3 runs, 2026-11-22: floor 4.9-6.3 ms,
+reference 10.4-14.6, ours 8.9-11.4), so a forward at 0.5x would leave every norm, rotation,
+GEGLU, gather and Python line 0.3-1 ms in all; ours spends ~4 ms on them. bf16 autocast measured no faster on this CPU (12.7 vs 12.1 ms fp32, same run).
 """
 
 from __future__ import annotations
@@ -96,6 +97,60 @@ def _reference(config, proc):
     return ref
 
 
+def matmul_floor(config, n_tokens: int, n_rows: int, n_outputs: int, readout_dim: int = 2):
+    """A function that runs only the matrix products and attention kernels of one batch-1 POYO
+    forward, with the same shapes and the same PyTorch kernels (``mm`` / ``addmm`` / SDPA), on
+    random operands: what the forward costs if every norm, rotation, GEGLU, gather and Python
+    line were free. Its time, beside both implementations', bounds the latency any
+    implementation built on these kernels can reach (float32).
+
+    n_tokens: real input tokens of the window; n_rows: distinct (unit, token type) rows (the
+    encoder projects each once); n_outputs: output queries."""
+    import torch.nn.functional as F
+
+    c = config
+    D, Dh, Hx, Hs, mult = c.hidden_size, c.head_dim, c.num_cross_attention_heads, c.num_self_attention_heads, c.ffn_mult
+    n_lat = c.num_latents
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    lat, rows, outs = r(n_lat, D), r(n_rows, D), r(n_outputs, D)
+    w = dict(q=r(D, Hx * Dh), kv=r(D, 2 * Hx * Dh), o=r(Hx * Dh, D), qkv=r(D, 3 * Hs * Dh), o_s=r(Hs * Dh, D),
+             fc1=r(D, 2 * mult * D), fc2=r(mult * D, D), head=r(D, readout_dim))
+    b = dict(D=r(D), fc1=r(2 * mult * D), head=r(readout_dim))
+    enc_q, enc_kv = r(1, Hx, n_lat, Dh), r(1, Hx, n_tokens, Dh)
+    lat_s = r(1, Hs, n_lat, Dh)
+    dec_q, dec_kv = r(1, Hx, n_outputs, Dh), r(1, Hx, n_lat, Dh)
+    a_x, a_s, a_d = r(n_lat, Hx * Dh), r(n_lat, Hs * Dh), r(n_outputs, Hx * Dh)
+    h_lat, h_out = r(n_lat, mult * D), r(n_outputs, mult * D)
+
+    def ffn(x, h):
+        torch.addmm(b["fc1"], x, w["fc1"])
+        torch.addmm(b["D"], h, w["fc2"])
+
+    def run():
+        torch.mm(lat, w["q"])  # encoder: latent queries, K/V of the distinct rows, attention, output
+        torch.mm(rows, w["kv"])
+        F.scaled_dot_product_attention(enc_q, enc_kv, enc_kv)
+        torch.addmm(b["D"], a_x, w["o"])
+        ffn(lat, h_lat)
+        for _ in range(c.num_hidden_layers):
+            torch.mm(lat, w["qkv"])
+            F.scaled_dot_product_attention(lat_s, lat_s, lat_s)
+            torch.addmm(b["D"], a_s, w["o_s"])
+            ffn(lat, h_lat)
+        torch.mm(outs, w["q"])  # decoder
+        torch.mm(lat, w["kv"])
+        F.scaled_dot_product_attention(dec_q, dec_kv, dec_kv)
+        torch.addmm(b["D"], a_d, w["o"])
+        ffn(outs, h_out)
+        torch.addmm(b["head"], outs, w["head"])
+
+    return run
+
+
 def _weighted_mse(pred, labels, mask):
     sq = ((pred - labels) ** 2).mean(-1)
     w = mask.float()
@@ -150,7 +205,10 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_fns = {"ours": train_step_ours}
-    infer_fns = {"ours": lambda: model(**one)}
+    n_tokens = int(one["input_mask"].sum())
+    n_rows = int(torch.unique(one["input_unit_index"] * model.config.num_token_types + one["input_token_type"]).numel())
+    n_out = int(one["output_mask"].sum())
+    infer_fns = {"ours": lambda: model(**one), "floor": matmul_floor(model.config, n_tokens, n_rows, n_out)}
     if ref is not None:
         ref_batch, ref_one = ref_inputs(batch), ref_inputs(one)
         labels = batch["labels"]
@@ -180,9 +238,11 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
         results[f"{name}_train_steps_per_s"] = 1.0 / percentile(train_t[name], 0.5)
         results[f"{name}_latency_p50_ms"] = 1000 * percentile(lat[name], 0.5)
         results[f"{name}_latency_p99_ms"] = 1000 * percentile(lat[name], 0.99)
+    results["matmul_floor_p50_ms"] = 1000 * percentile(lat["floor"], 0.5)
     if ref is not None:
         results["train_speedup"] = results["ours_train_steps_per_s"] / results["ref_train_steps_per_s"]
         results["latency_ratio"] = results["ours_latency_p50_ms"] / results["ref_latency_p50_ms"]
+        results["matmul_floor_ratio"] = results["matmul_floor_p50_ms"] / results["ref_latency_p50_ms"]
     return results
 
 
@@ -200,14 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps, --latency-runs, --threads and --windows must be >= 1")
     r = run(args.preset, args.steps, args.latency_runs, args.threads, args.windows)
     rows = [["poyo_hf", r["ours_train_steps_per_s"], r["ours_latency_p50_ms"], r["ours_latency_p99_ms"]]]
+    rows.append(["matrix products only (floor)", "", r["matmul_floor_p50_ms"], ""])
     if "ref_train_steps_per_s" in r:
         rows.append(["torch_brain 0.2.1", r["ref_train_steps_per_s"], r["ref_latency_p50_ms"], r["ref_latency_p99_ms"]])
         rows.append(["ratio (ours/ref)", r["train_speedup"], r["latency_ratio"], ""])
+        rows.append(["floor / ref", "", r["matmul_floor_ratio"], ""])
     else:
         print("(torch_brain not installed: reference columns skipped; `pip install torch-brain==0.2.1`)")
     print(f"POYO {args.preset}, {r['windows']} windows x {r['tokens_per_window']:.0f} tokens, "
           f"{r['outputs_per_window']} outputs, {args.threads} threads")
     print_table(["implementation", "train steps/s", "b1 latency p50 ms", "p99 ms"], rows)
+    print("floor: the batch-1 forward's mm / addmm / SDPA calls alone (same shapes and kernels, every other op "
+          "free), a bound for any implementation that calls these float32 kernels.")
     if args.json:
         emit_json(r)
     return 0
