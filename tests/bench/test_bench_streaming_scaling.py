@@ -33,17 +33,17 @@ def test_bench_streaming_json_and_equality(capsys):
         capsys, "streaming", "--units", "8", "20", "--steps", "4", "--offline-steps", "3", "--warmup", "1",
         "--threads", "1", "--json",
     )  # fmt: skip
-    assert "p99 < target" in out and "offline" in out
+    assert "p99 < target" in out and "offline" in out and "paced, spinning between steps" in out
     assert r["step_ms"] == 20.0 and r["threads"] == 1 and r["target_p99_ms"] == 5.0
     assert [x["units"] for x in r["results"]] == [8, 20]
     for x in r["results"]:
-        for path in ("streaming", "prepared", "prepare", "offline"):
+        for path in ("streaming", "prepared", "paced_sleep", "paced_spin", "prepare", "offline"):
             assert x[f"{path}_p99_ms"] >= x[f"{path}_p50_ms"] > 0, path
         assert x["speedup_p50"] == x["offline_p50_ms"] / x["streaming_p50_ms"]
         assert x["compute_per_step_p50_ms"] == x["prepared_p50_ms"] + x["prepare_p50_ms"]
         assert x["max_abs_diff"] < 1e-5  # the two paths decode the same windows
         assert x["steps"] == 4 and x["offline_steps"] == 3
-        assert x["meets_target_p99"] == (x["prepared_p99_ms"] < 5.0)
+        assert x["meets_target_p99"] == (x["prepared_p99_ms"] < 5.0 and x["paced_spin_p99_ms"] < 5.0)
     # ~20 Hz x 1 s per unit: 20 units hold more spikes per window than 8.
     assert r["results"][1]["spikes_per_window"] > r["results"][0]["spikes_per_window"] > 0
 
