@@ -214,6 +214,14 @@ _WORKER_NICENESS = 10  # see _produce
 _ALIGN = 64  # byte offset alignment of each tensor inside a slot (any dtype's view stays aligned)
 
 
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """numpy's equivalent of a torch dtype, or None (bfloat16, float8, ...)."""
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        return None
+
+
 def _produce(stream: Any, conn: Any, slots: int) -> None:
     """Worker process of :class:`BackgroundBatches`: one batch per credit received, written into a
     slot of a shared-memory ring; only the slot's offset, the layout and the stream state travel on
@@ -253,7 +261,7 @@ def _produce(stream: Any, conn: Any, slots: int) -> None:
             base = (i % slots) * slot_bytes
             for _, _, _, off, v in layout:
                 ring[base + off : base + off + v.numel() * v.element_size()].view(v.dtype).copy_(v.reshape(-1))
-            meta = [(k, v.numpy().dtype, shape, off) for k, _, shape, off, v in layout]  # numpy dtypes
+            meta = [(k, dtype, _numpy_dtype(dtype), shape, off) for k, dtype, shape, off, _ in layout]
             conn.send(("batch", new_ring, base, nbytes, meta, others, stream.state_dict(), stream.epoch))
         conn.send(("end",))
     except KeyboardInterrupt:
@@ -351,11 +359,15 @@ class BackgroundBatches:
             self._conn.send(True)  # the slot is free: one more batch
         except OSError:  # the worker died; the next recv reports it, after the batches it sent
             pass
-        # Views made with numpy, then wrapped: ~10x less Python overhead than slicing tensors.
-        batch: dict[str, Any] = {
-            k: torch.from_numpy(buf[off : off + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape))
-            for k, dtype, shape, off in layout
-        }
+        # Views made with numpy, then wrapped: ~10x less Python overhead than slicing tensors; torch
+        # views for the dtypes numpy lacks (bfloat16, ...).
+        batch: dict[str, Any] = {}
+        for k, dtype, np_dtype, shape, off in layout:
+            raw = buf[off : off + math.prod(shape) * dtype.itemsize]
+            if np_dtype is not None:
+                batch[k] = torch.from_numpy(raw.view(np_dtype).reshape(shape))
+            else:
+                batch[k] = torch.from_numpy(raw).view(dtype).view(shape)
         batch.update(others)
         return batch
 

@@ -235,6 +235,7 @@ class _Growing:
                 "mask": torch.rand(n, generator=g) > 0.5,
                 "t": torch.rand(2, dtype=torch.float64, generator=g),
                 "empty": torch.zeros(0, 4),
+                "half": torch.randn(5, 2, generator=g).to(torch.bfloat16),  # no numpy equivalent
                 "name": f"batch of {n}",
             }
 
@@ -251,7 +252,7 @@ def test_background_batches_hand_over_every_dtype_and_growing_batches_exactly():
             next(bg)
     for g, e in zip(got, expected):
         assert g.keys() == e.keys() and g["name"] == e["name"]
-        for k in ("x", "ids", "mask", "t", "empty"):
+        for k in ("x", "ids", "mask", "t", "empty", "half"):
             assert g[k].dtype == e[k].dtype and torch.equal(g[k], e[k]), k
     # The batches own their memory: the worker reusing its slots later changes none of them.
     assert torch.equal(got[1]["x"], expected[1]["x"])
