@@ -310,16 +310,21 @@ class BackgroundBatches:
     traceback as a note). :meth:`close` (or the context manager) stops the worker.
     """
 
-    def __init__(self, stream: Any, depth: int = 2):
+    def __init__(self, stream: Any, depth: int = 2, start_method: str | None = None):
+        """``start_method``: how the worker starts (``"fork"``, ``"spawn"``, ``"forkserver"``;
+        default: the platform's). Under spawn and forkserver ``stream`` is pickled into the worker."""
         import multiprocessing
 
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1, got {depth!r}.")
+        methods = multiprocessing.get_all_start_methods()
+        if start_method is not None and start_method not in methods:
+            raise ValueError(f"start_method must be one of {methods} on this platform, got {start_method!r}.")
         self._state = stream.state_dict()
         self.epoch = stream.epoch
         self._ring_np: np.ndarray | None = None
         self._ring: torch.Tensor | None = None  # kept alive while _ring_np views it
-        ctx = multiprocessing.get_context()
+        ctx = multiprocessing.get_context(start_method)
         self._conn, child = ctx.Pipe(duplex=True)
         self._worker = ctx.Process(target=_produce, args=(stream, child, depth), daemon=True, name="poyo_hf-batches")
         self._worker.start()

@@ -179,6 +179,22 @@ def test_background_batches_match_the_stream_and_resume_from_their_own_state(cor
     _same_batches([next(again) for _ in range(2)], [next(it) for _ in range(2)])
 
 
+def test_background_batches_under_spawn_pickle_the_stream_into_the_worker(corpus):
+    # spawn is the default start method on macOS and Windows (forkserver on Linux from Python 3.14):
+    # the stream, its streaming dataset and processor travel by pickle, and the batches are the same.
+    from poyo_hf.data.stream import BackgroundBatches
+
+    it = _training_stream(corpus).epochs()
+    expected = [next(it) for _ in range(3)]
+    it.close()
+    with BackgroundBatches(_training_stream(corpus), depth=2, start_method="spawn") as bg:
+        got = [next(bg) for _ in range(3)]
+        assert bg.state_dict() == {"epoch": 0, "batches_in_epoch": 3, "seed": 9}
+    _same_batches(got, expected)
+    with pytest.raises(ValueError, match="start_method"):
+        BackgroundBatches(_training_stream(corpus), start_method="teleport")
+
+
 def test_background_batches_reraise_worker_errors_and_stop_on_close(corpus):
     from poyo_hf.data.stream import BackgroundBatches
 
