@@ -22,7 +22,8 @@ cross-attention 144, the six latent layers 480, decoder and FFNs the rest). The 
 times exactly those ``mm`` / ``addmm`` / SDPA calls alone (:func:`matmul_floor`), interleaved
 with both forwards: 0.43-0.47x the reference's latency (3 runs, 2026-11-22: floor 4.9-6.3 ms,
 reference 10.4-14.6, ours 8.9-11.4), so a forward at 0.5x would leave every norm, rotation,
-GEGLU, gather and Python line 0.3-1 ms in all; ours spends ~4 ms on them. bf16 autocast measured no faster on this CPU (12.7 vs 12.1 ms fp32, same run).
+GEGLU, gather and Python line 0.3-1 ms in all; ours spends ~4 ms on them. bf16 autocast
+measured no faster on this CPU (12.7 vs 12.1 ms fp32, same run).
 """
 
 from __future__ import annotations
@@ -97,18 +98,20 @@ def _reference(config, proc):
     return ref
 
 
-def matmul_floor(config, n_tokens: int, n_rows: int, n_outputs: int, readout_dim: int = 2):
+def matmul_floor(config, inputs: dict, readout_dim: int = 2):
     """A function that runs only the matrix products and attention kernels of one batch-1 POYO
-    forward, with the same shapes and the same PyTorch kernels (``mm`` / ``addmm`` / SDPA), on
-    random operands: what the forward costs if every norm, rotation, GEGLU, gather and Python
-    line were free. Its time, beside both implementations', bounds the latency any
-    implementation built on these kernels can reach (float32).
-
-    n_tokens: real input tokens of the window; n_rows: distinct (unit, token type) rows (the
-    encoder projects each once); n_outputs: output queries."""
+    forward on ``inputs`` (one window from the processor), with the same shapes and the same
+    PyTorch kernels (``mm`` / ``addmm`` / SDPA), on random operands: what the forward costs if
+    every norm, rotation, GEGLU, gather and Python line were free. Its time, beside both
+    implementations', bounds the latency any implementation built on these kernels can reach
+    (float32). Counted: the window's real tokens, its distinct (unit, token type) rows (the
+    encoder projects each once) and its real output queries."""
     import torch.nn.functional as F
 
     c = config
+    n_tokens = int(inputs["input_mask"].sum())
+    n_rows = int(torch.unique(inputs["input_unit_index"] * c.num_token_types + inputs["input_token_type"]).numel())
+    n_outputs = int(inputs["output_mask"].sum())
     D, Dh, Hx, Hs, mult = c.hidden_size, c.head_dim, c.num_cross_attention_heads, c.num_self_attention_heads, c.ffn_mult
     n_lat = c.num_latents
     g = torch.Generator().manual_seed(0)
@@ -205,10 +208,7 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_fns = {"ours": train_step_ours}
-    n_tokens = int(one["input_mask"].sum())
-    n_rows = int(torch.unique(one["input_unit_index"] * model.config.num_token_types + one["input_token_type"]).numel())
-    n_out = int(one["output_mask"].sum())
-    infer_fns = {"ours": lambda: model(**one), "floor": matmul_floor(model.config, n_tokens, n_rows, n_out)}
+    infer_fns = {"ours": lambda: model(**one), "floor": matmul_floor(model.config, one)}
     if ref is not None:
         ref_batch, ref_one = ref_inputs(batch), ref_inputs(one)
         labels = batch["labels"]

@@ -13,6 +13,7 @@ without collating them and continues with the identical batches.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -214,6 +215,7 @@ _WORKER_NICENESS = 10  # see _produce
 _ALIGN = 64  # byte offset alignment of each tensor inside a slot (any dtype's view stays aligned)
 
 
+@functools.cache
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
     """numpy's equivalent of a torch dtype, or None (bfloat16, float8, ...)."""
     try:
@@ -250,8 +252,8 @@ def _produce(stream: Any, conn: Any, slots: int) -> None:
             for k, v in batch.items():
                 if isinstance(v, torch.Tensor):
                     v = v.detach().contiguous()
-                    layout.append((k, v.dtype, tuple(v.shape), nbytes, v))
-                    nbytes += -(-v.numel() * v.element_size() // _ALIGN) * _ALIGN
+                    layout.append((k, v, nbytes))
+                    nbytes += -(-v.nbytes // _ALIGN) * _ALIGN
                 else:
                     others[k] = v
             new_ring = None
@@ -259,9 +261,9 @@ def _produce(stream: Any, conn: Any, slots: int) -> None:
                 slot_bytes = max(1 << 20, -(-nbytes * 5 // 4 // _ALIGN) * _ALIGN)  # 25% headroom
                 ring = new_ring = torch.empty(slots * slot_bytes, dtype=torch.uint8).share_memory_()
             base = (i % slots) * slot_bytes
-            for _, _, _, off, v in layout:
-                ring[base + off : base + off + v.numel() * v.element_size()].view(v.dtype).copy_(v.reshape(-1))
-            meta = [(k, dtype, _numpy_dtype(dtype), shape, off) for k, dtype, shape, off, _ in layout]
+            for _, v, off in layout:
+                ring[base + off : base + off + v.nbytes].view(v.dtype).copy_(v.reshape(-1))
+            meta = [(k, v.dtype, _numpy_dtype(v.dtype), tuple(v.shape), off) for k, v, off in layout]
             conn.send(("batch", new_ring, base, nbytes, meta, others, stream.state_dict(), stream.epoch))
         conn.send(("end",))
     except KeyboardInterrupt:

@@ -390,8 +390,7 @@ def train(args: PretrainArguments) -> dict[str, Any]:
                 logger.log({"step": step, "eval_r2": res["r2"], "eval_wiener_r2": res.get("wiener_r2")})
                 model.train()
     finally:
-        if prefetch:
-            batches.close()
+        batches.close()  # the worker process, or the stream's generator
     if pbar is not None:
         pbar.close()
     accelerator.wait_for_everyone()

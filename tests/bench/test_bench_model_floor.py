@@ -28,9 +28,8 @@ def test_floor_runs_the_same_matrix_products_and_attention_as_a_batch1_forward()
     one = {k: v for k, v in proc(windows).items() if k not in ("labels", "output_weights")}
     assert bool(one["input_mask"].all()) and bool(one["output_mask"].all())
     n_tokens = one["input_mask"].shape[1]
-    n_rows = int(torch.unique(one["input_unit_index"] * model.config.num_token_types + one["input_token_type"]).numel())
     forward = _flops(lambda: model(**one))
-    floor = _flops(matmul_floor(model.config, n_tokens, n_rows, 96))
+    floor = _flops(matmul_floor(model.config, one))
     assert forward == floor
     assert set(floor) == {"aten.mm", "aten.addmm", "aten._scaled_dot_product_flash_attention_for_cpu"}
     # The SDPA count: encoder (latents x tokens), layers (latents x latents), decoder (outputs x latents).
