@@ -5,6 +5,7 @@ benchmarks' output, measured on an idle machine)."""
 from __future__ import annotations
 
 import json
+import mmap
 
 import numpy as np
 import pytest
@@ -84,6 +85,13 @@ def test_bench_scaling_json_and_memory_fit(capsys):
     assert mb["predicted_max_batch"] == int(np.floor((1.0 - fixed) / slope))
 
 
+def _touched_mapping(size: int) -> mmap.mmap:
+    mapping = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        mapping[offset] = 1
+    return mapping
+
+
 def test_peak_rss_reset_forgets_an_earlier_transient():
     # A transient before the baseline must not set the peak of the measured call (the CI failure
     # this guards against read the same peak at batch 1 and at batch 3).
@@ -91,13 +99,15 @@ def test_peak_rss_reset_forgets_an_earlier_transient():
 
     if not _reset_peak_rss():
         pytest.skip("/proc/self/clear_refs is not writable here; the benchmark falls back to ru_maxrss")
-    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-    big.sum()
+    # The transient is an anonymous mapping of its own, touched page by page and unmapped: through
+    # malloc, the allocator policy (poyo_hf.allocator, applied by any earlier in-process CLI call)
+    # would keep the freed pages resident and the RSS would never drop.
+    big = _touched_mapping(64 * 2**20)
     with_transient = _peak_rss_bytes(True)
-    del big
+    big.close()
     assert _reset_peak_rss()
     after_reset = _peak_rss_bytes(True)
     assert with_transient - after_reset > 48 * 2**20
-    small = np.ones(16 * 2**20 // 8)
-    small.sum()
+    small = _touched_mapping(16 * 2**20)
     assert _peak_rss_bytes(True) >= after_reset + 12 * 2**20
+    small.close()
