@@ -9,7 +9,8 @@ call by call in alternation (``time_interleaved``), so that both see the same ma
 
 Where a training step goes (poyo_hf, this batch, 2 threads, torch profiler, measured 2026-11;
 shares of self time): attention ``bmm`` 33% and projections (``mm`` / ``addmm``) 16%, i.e. half the step is
-matrix products the reference runs too; elementwise multiplies 10% (rotary phases); softmax 6-9%;
+matrix products the reference runs too (the projections now go through oneDNN instead of MKL, see
+``cpu_kernels.linear``: a step 9-17% faster in interleaved A/B runs); elementwise multiplies 10% (rotary phases); softmax 6-9%;
 ``cat`` 5% (the backward of the Q/K/V split); the dropout masks and the softmax-with-dropout
 backward (``cpu_kernels.py``) ~3%. Before, ``F.dropout``'s ``bernoulli_`` alone took 22% (one serial
 mt19937 float per element, ~44M attention weights per step) and the unfused math-path attention
@@ -101,12 +102,15 @@ def _reference(config, proc):
 def matmul_floor(config, inputs: dict, readout_dim: int = 2):
     """A function that runs only the matrix products and attention kernels of one batch-1 POYO
     forward on ``inputs`` (one window from the processor), with the same shapes and the same
-    PyTorch kernels (``mm`` / ``addmm`` / SDPA), on random operands: what the forward costs if
+    kernels (the model's ``linear``, which is ``mm`` / ``addmm`` at this size, and SDPA), on random
+    operands: what the forward costs if
     every norm, rotation, GEGLU, gather and Python line were free. Its time, beside both
     implementations', bounds the latency any implementation built on these kernels can reach
     (float32). Counted: the window's real tokens, its distinct (unit, token type) rows (the
     encoder projects each once) and its real output queries."""
     import torch.nn.functional as F
+
+    from ..models.poyo.cpu_kernels import linear
 
     c = config
     n_tokens = int(inputs["input_mask"].sum())
@@ -120,8 +124,10 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2):
         return torch.randn(*shape, generator=g)
 
     lat, rows, outs = r(n_lat, D), r(n_rows, D), r(n_outputs, D)
-    w = dict(q=r(D, Hx * Dh), kv=r(D, 2 * Hx * Dh), o=r(Hx * Dh, D), qkv=r(D, 3 * Hs * Dh), o_s=r(Hs * Dh, D),
-             fc1=r(D, 2 * mult * D), fc2=r(mult * D, D), head=r(D, readout_dim))
+    # Weights (out, in) as nn.Linear holds them, multiplied through the model's own ``linear`` (the
+    # same kernel choice: F.linear, or oneDNN for large inputs).
+    w = dict(q=r(Hx * Dh, D), kv=r(2 * Hx * Dh, D), o=r(D, Hx * Dh), qkv=r(3 * Hs * Dh, D), o_s=r(D, Hs * Dh),
+             fc1=r(2 * mult * D, D), fc2=r(D, mult * D), head=r(readout_dim, D))
     b = dict(D=r(D), fc1=r(2 * mult * D), head=r(readout_dim))
     enc_q, enc_kv = r(1, Hx, n_lat, Dh), r(1, Hx, n_tokens, Dh)
     lat_s = r(1, Hs, n_lat, Dh)
@@ -130,26 +136,26 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2):
     h_lat, h_out = r(n_lat, mult * D), r(n_outputs, mult * D)
 
     def ffn(x, h):
-        torch.addmm(b["fc1"], x, w["fc1"])
-        torch.addmm(b["D"], h, w["fc2"])
+        linear(x, w["fc1"], b["fc1"])
+        linear(h, w["fc2"], b["D"])
 
     def run():
-        torch.mm(lat, w["q"])  # encoder: latent queries, K/V of the distinct rows, attention, output
-        torch.mm(rows, w["kv"])
+        linear(lat, w["q"])  # encoder: latent queries, K/V of the distinct rows, attention, output
+        linear(rows, w["kv"])
         F.scaled_dot_product_attention(enc_q, enc_kv, enc_kv)
-        torch.addmm(b["D"], a_x, w["o"])
+        linear(a_x, w["o"], b["D"])
         ffn(lat, h_lat)
         for _ in range(c.num_hidden_layers):
-            torch.mm(lat, w["qkv"])
+            linear(lat, w["qkv"])
             F.scaled_dot_product_attention(lat_s, lat_s, lat_s)
-            torch.addmm(b["D"], a_s, w["o_s"])
+            linear(a_s, w["o_s"], b["D"])
             ffn(lat, h_lat)
-        torch.mm(outs, w["q"])  # decoder
-        torch.mm(lat, w["kv"])
+        linear(outs, w["q"])  # decoder
+        linear(lat, w["kv"])
         F.scaled_dot_product_attention(dec_q, dec_kv, dec_kv)
-        torch.addmm(b["D"], a_d, w["o"])
+        linear(a_d, w["o"], b["D"])
         ffn(outs, h_out)
-        torch.addmm(b["head"], outs, w["head"])
+        linear(outs, w["head"], b["head"])
 
     return run
 

@@ -47,7 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_poyo import PoyoConfig
-from .cpu_kernels import draw_seed, kernels
+from .cpu_kernels import PoyoLinear, draw_seed, kernels
 
 # ----------------------------------------------------------------------------------------
 # Primitives (plain scalars in, testable against closed-form math)
@@ -301,12 +301,12 @@ class PoyoRotaryAttention(nn.Module):
         inner = heads * head_dim
         self.norm = nn.LayerNorm(dim)
         if self_attention:
-            self.qkv_proj = nn.Linear(dim, 3 * inner, bias=False)
+            self.qkv_proj = PoyoLinear(dim, 3 * inner, bias=False)
         else:
             self.context_norm = nn.LayerNorm(dim)
-            self.q_proj = nn.Linear(dim, inner, bias=False)
-            self.kv_proj = nn.Linear(dim, 2 * inner, bias=False)
-        self.o_proj = nn.Linear(inner, dim)
+            self.q_proj = PoyoLinear(dim, inner, bias=False)
+            self.kv_proj = PoyoLinear(dim, 2 * inner, bias=False)
+        self.o_proj = PoyoLinear(inner, dim)
 
     def _cpu_dropout_path(self, q: torch.Tensor, mask: torch.Tensor | None, attn_implementation: str) -> bool:
         """Train with :func:`cpu_dropout_attention` instead of SDPA's math fallback: CPU float32
@@ -389,9 +389,9 @@ class PoyoFeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, 2 * mult * dim)
+        self.fc1 = PoyoLinear(dim, 2 * mult * dim)
         self.dropout = PoyoDropout(dropout)
-        self.fc2 = nn.Linear(mult * dim, dim)
+        self.fc2 = PoyoLinear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, gate = self.fc1(self.norm(x)).chunk(2, dim=-1)  # (B, N, mult*D) x 2
@@ -774,7 +774,7 @@ class PoyoForDecoding(PoyoPreTrainedModel):
         super().__init__(config)
         self.poyo = PoyoModel(config)
         self.readouts = nn.ModuleDict(
-            {name: nn.Linear(config.hidden_size, d) for name, d in config.readout_dims.items()}
+            {name: PoyoLinear(config.hidden_size, d) for name, d in config.readout_dims.items()}
         )
         self.post_init()
 

@@ -1,0 +1,150 @@
+"""Linear layers through oneDNN (cpu_kernels.linear / PoyoLinear): same values and gradients as
+``F.linear``, taken only where it was measured to pay, and switchable off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from make_fixtures import tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from poyo_hf import PoyoForDecoding, PoyoProcessor
+from poyo_hf.models.poyo import cpu_kernels
+from poyo_hf.models.poyo.cpu_kernels import ONEDNN_MIN_ROWS, PoyoLinear, linear
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.onednn_linear_enabled(), reason="torch built without oneDNN, or not an x86-64 machine"
+)
+
+
+class _Ops(TorchDispatchMode):
+    """Records the names of the ATen / mkldnn ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(fn) -> list[str]:
+    with _Ops() as mode:
+        fn()
+    return mode.names
+
+
+def _onednn_calls(names: list[str]) -> int:
+    return sum(name == "mkldnn._linear_pointwise" for name in names)
+
+
+@pytest.mark.parametrize(
+    "shape, out_features, bias",
+    [
+        ((3, 400, 64), 1536, False),  # N > K: grad_w via the (K, N) orientation
+        ((700, 512), 64, True),  # N < K: grad_w via the (N, K) orientation
+        ((ONEDNN_MIN_ROWS, 64), 512, True),  # exactly at the threshold
+    ],
+)
+def test_values_and_gradients_equal_f_linear(shape, out_features, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    layer = PoyoLinear(shape[-1], out_features, bias=bias)
+    upstream = torch.randn(*shape[:-1], out_features, generator=g)
+
+    names = _ops(lambda: (layer(x) * upstream).sum().backward())
+    assert _onednn_calls(names) == 3  # forward, grad_x, grad_w
+    grads = (x.grad.clone(), layer.weight.grad.clone(), None if layer.bias is None else layer.bias.grad.clone())
+
+    # Reference: the same products in float64 through F.linear's own autograd.
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = None if layer.bias is None else layer.bias.detach().double().requires_grad_()
+    out64 = F.linear(x64, w64, b64)
+    (out64 * upstream.double()).sum().backward()
+
+    torch.testing.assert_close(layer(x).double(), out64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0].double(), x64.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[1].double(), w64.grad, rtol=1e-5, atol=1e-3)  # sums over >= 512 rows
+    if bias:
+        torch.testing.assert_close(grads[2].double(), b64.grad, rtol=1e-5, atol=1e-3)
+
+
+def test_strided_input_and_inference_mode():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, 1024, generator=g)
+    x = base.t()  # (1024, 64), a transposed view
+    layer = PoyoLinear(64, 256)
+    with torch.inference_mode():
+        names = _ops(lambda: layer(x))
+        out = layer(x)
+    assert _onednn_calls(names) == 1
+    torch.testing.assert_close(out, F.linear(x.contiguous(), layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["below the row threshold", "float64", "bfloat16 autocast", "switched off"],
+)
+def test_other_cases_are_exactly_f_linear(case, monkeypatch):
+    rows = ONEDNN_MIN_ROWS - 1 if case == "below the row threshold" else 2 * ONEDNN_MIN_ROWS
+    dtype = torch.float64 if case == "float64" else torch.float32
+    layer = PoyoLinear(64, 96).to(dtype)
+    x = torch.randn(rows, 64, dtype=dtype)
+    if case == "switched off":
+        monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bfloat16 autocast"):
+        names = _ops(lambda: layer(x))
+        out = layer(x)
+        expected = F.linear(x, layer.weight, layer.bias)
+    assert _onednn_calls(names) == 0
+    assert torch.equal(out, expected)
+
+
+def test_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "yes")
+    with pytest.raises(ValueError, match="POYO_HF_ONEDNN_LINEAR='yes'"):
+        linear(torch.randn(ONEDNN_MIN_ROWS, 8), torch.randn(4, 8))
+
+
+def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
+    """A whole model, loss and gradients, with its projections through oneDNN vs through F.linear."""
+    config = tiny_config(unit_vocab_size=7, session_vocab_size=2)
+    units = [f"s/u{i}" for i in range(6)]
+    proc = PoyoProcessor.from_config(config, {"s": units})
+    g = torch.Generator().manual_seed(3)
+    windows = []
+    for _ in range(2 * ONEDNN_MIN_ROWS // config.num_latents + 1):  # enough latent rows for oneDNN
+        n = 40
+        windows.append(
+            {
+                "session_id": "s",
+                "unit_ids": units,
+                "spike_times": torch.sort(torch.rand(n, generator=g) * config.sequence_length).values.numpy(),
+                "spike_unit_index": torch.randint(0, 6, (n,), generator=g).numpy(),
+                "output_timestamps": torch.linspace(0.0, config.sequence_length, 8).numpy(),
+                "targets": torch.randn(8, 2, generator=g).numpy(),
+            }
+        )
+    batch = dict(proc(windows))
+    torch.manual_seed(0)
+    model = PoyoForDecoding(config).eval()  # eval: no dropout, so both runs see the same function
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    names = _ops(loss_and_grads)
+    assert _onednn_calls(names) > 0
+    loss, grads = loss_and_grads()
+    monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
+    assert _onednn_calls(_ops(loss_and_grads)) == 0
+    loss_ref, grads_ref = loss_and_grads()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
