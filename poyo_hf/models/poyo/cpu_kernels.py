@@ -177,8 +177,9 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 # speed oneDNN does; oneDNN ships inside every x86 torch wheel (torch runs its convolutions with it)
 # and ``torch.ops.mkldnn._linear_pointwise`` is the entry point torch's own compiler emits for it.
 # No public torch API routes a float32 linear (or its backward) there, hence this autograd function.
-# Measured (poyo-mp, 32 windows, 128 latents each, one process, old/new steps interleaved): a
-# training step 9-14% faster; per projection, e.g. the self-attention QKV (4096 x 64 -> 1536)
+# Measured (one process, old/new steps interleaved): a training step 9-17% faster for poyo-mp on
+# the benchmark batch (32 windows, 128 latents each), 19% for poyo-1 (16 windows), 7% for the
+# quickstart's 2-layer model (16 windows, 64 latents each); per projection, e.g. the self-attention QKV (4096 x 64 -> 1536)
 # forward 3.6 vs 8.5 ms and input gradient 3.8 vs 8.8 ms. At a few hundred rows (batch-1
 # inference: 128 latents) it measured no faster, so smaller inputs keep ``F.linear``
 # (``ONEDNN_MIN_ROWS``). Results equal ``F.linear``'s up to float32 rounding (summation order).
@@ -208,7 +209,8 @@ def onednn_linear_enabled() -> bool:
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T + bias: (M, N). Strided views of x and weight are read in place."""
+    """x (M, K) @ weight (N, K)^T + bias: (M, N). A transposed ``weight`` view is read in place
+    (oneDNN's "ba" layout); a transposed ``x`` is first copied by the op (ONEDNN_VERBOSE shows both)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -229,8 +231,9 @@ class _OneDnnLinear(torch.autograd.Function):
             grad_x = _onednn(grad, weight.t().contiguous(), None)  # (M, N) @ (N, K): (M, K)
         if ctx.needs_input_grad[1]:
             n, k = weight.shape
-            # grad_w = grad^T x, (N, K). Either orientation reads the transposed views in place;
-            # the one with the longer output rows measured faster (QKV: 3.5 vs 9.9 ms; MKL 7.1).
+            # grad_w = grad^T x, (N, K), from transposed views; of the two orientations, the one
+            # whose copied operand (see _onednn) is the smaller measured faster (QKV: 3.5 vs
+            # 9.9 ms, MKL 7.1; out-projection 512 -> 64: 1.5 vs 3.4 ms, MKL 2.0).
             grad_w = _onednn(x.t(), grad.t(), None).t() if n > k else _onednn(grad.t(), x.t(), None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
