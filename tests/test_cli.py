@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from poyo_hf.cli import COMMANDS, main
 
@@ -51,6 +53,9 @@ def test_bench_model_prints_a_table_and_json():
     assert 0 < result["matmul_floor_p50_ms"] < result["ours_latency_p50_ms"]
     assert "matrix products only (floor)" in res.stdout
     assert result["cpu_dropout_kernels"] is (shutil.which("c++") is not None or shutil.which("g++") is not None)
+    assert result["onednn_linear"] is (
+        torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+    )
     assert "train steps/s" in res.stdout
     try:
         import torch_brain  # noqa: F401

@@ -200,11 +200,13 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
         "machine": platform.machine(),
         "malloc": allocator.policy(),  # the same for both implementations: one process
     }
-    from ..models.poyo.cpu_kernels import kernels
+    from ..models.poyo.cpu_kernels import kernels, onednn_linear_enabled
 
     # Which mask source our CPU training used: the compiled loop, or plain torch ops where it could
     # not be built (or POYO_HF_CPU_KERNELS=0). Built here, before any timing.
     results["cpu_dropout_kernels"] = kernels() is not None
+    # Whether our projections of >= ONEDNN_MIN_ROWS rows (the training batch) went through oneDNN.
+    results["onednn_linear"] = onednn_linear_enabled()
 
     def train_step_ours():
         opt.zero_grad(set_to_none=True)
