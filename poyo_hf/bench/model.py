@@ -102,15 +102,15 @@ def _reference(config, proc):
 def matmul_floor(config, inputs: dict, readout_dim: int = 2):
     """A function that runs only the matrix products and attention kernels of one batch-1 POYO
     forward on ``inputs`` (one window from the processor), with the same shapes and the same
-    kernels (the model's ``linear``, which is ``mm`` / ``addmm`` at this size, and SDPA), on random
-    operands: what the forward costs if
+    kernels (the model's own layer class for the projections, so ``mm`` / ``addmm`` or oneDNN with a
+    packed weight as in the forward, and SDPA), on random operands: what the forward costs if
     every norm, rotation, GEGLU, gather and Python line were free. Its time, beside both
     implementations', bounds the latency any implementation built on these kernels can reach
     (float32). Counted: the window's real tokens, its distinct (unit, token type) rows (the
     encoder projects each once) and its real output queries."""
     import torch.nn.functional as F
 
-    from ..models.poyo.cpu_kernels import linear
+    from ..models.poyo.cpu_kernels import PoyoLinear
 
     c = config
     n_tokens = int(inputs["input_mask"].sum())
@@ -124,11 +124,12 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2):
         return torch.randn(*shape, generator=g)
 
     lat, rows, outs = r(n_lat, D), r(n_rows, D), r(n_outputs, D)
-    # Weights (out, in) as nn.Linear holds them, multiplied through the model's own ``linear`` (the
-    # same kernel choice: F.linear, or oneDNN for large inputs).
-    w = dict(q=r(Hx * Dh, D), kv=r(2 * Hx * Dh, D), o=r(D, Hx * Dh), qkv=r(3 * Hs * Dh, D), o_s=r(D, Hs * Dh),
-             fc1=r(2 * mult * D, D), fc2=r(D, mult * D), head=r(readout_dim, D))
-    b = dict(D=r(D), fc1=r(2 * mult * D), head=r(readout_dim))
+    # The projections are the model's own layer class (PoyoLinear), so each product takes the
+    # forward's kernel: F.linear, or oneDNN with a packed weight for the larger ones.
+    with torch.random.fork_rng():  # module init must not move the caller's random stream
+        lin = dict(q=PoyoLinear(D, Hx * Dh, bias=False), kv=PoyoLinear(D, 2 * Hx * Dh, bias=False),
+                   o=PoyoLinear(Hx * Dh, D), qkv=PoyoLinear(D, 3 * Hs * Dh, bias=False), o_s=PoyoLinear(Hs * Dh, D),
+                   fc1=PoyoLinear(D, 2 * mult * D), fc2=PoyoLinear(mult * D, D), head=PoyoLinear(D, readout_dim))
     enc_q, enc_kv = r(1, Hx, n_lat, Dh), r(1, Hx, n_tokens, Dh)
     lat_s = r(1, Hs, n_lat, Dh)
     dec_q, dec_kv = r(1, Hx, n_outputs, Dh), r(1, Hx, n_lat, Dh)
@@ -136,26 +137,27 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2):
     h_lat, h_out = r(n_lat, mult * D), r(n_outputs, mult * D)
 
     def ffn(x, h):
-        linear(x, w["fc1"], b["fc1"])
-        linear(h, w["fc2"], b["D"])
+        lin["fc1"](x)
+        lin["fc2"](h)
 
+    @torch.no_grad()
     def run():
-        linear(lat, w["q"])  # encoder: latent queries, K/V of the distinct rows, attention, output
-        linear(rows, w["kv"])
+        lin["q"](lat)  # encoder: latent queries, K/V of the distinct rows, attention, output
+        lin["kv"](rows)
         F.scaled_dot_product_attention(enc_q, enc_kv, enc_kv)
-        linear(a_x, w["o"], b["D"])
+        lin["o"](a_x)
         ffn(lat, h_lat)
         for _ in range(c.num_hidden_layers):
-            linear(lat, w["qkv"])
+            lin["qkv"](lat)
             F.scaled_dot_product_attention(lat_s, lat_s, lat_s)
-            linear(a_s, w["o_s"], b["D"])
+            lin["o_s"](a_s)
             ffn(lat, h_lat)
-        linear(outs, w["q"])  # decoder
-        linear(lat, w["kv"])
+        lin["q"](outs)  # decoder
+        lin["kv"](lat)
         F.scaled_dot_product_attention(dec_q, dec_kv, dec_kv)
-        linear(a_d, w["o"], b["D"])
+        lin["o"](a_d)
         ffn(outs, h_out)
-        linear(outs, w["head"], b["head"])
+        lin["head"](outs)
 
     return run
 
@@ -205,7 +207,7 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
     # Which mask source our CPU training used: the compiled loop, or plain torch ops where it could
     # not be built (or POYO_HF_CPU_KERNELS=0). Built here, before any timing.
     results["cpu_dropout_kernels"] = kernels() is not None
-    # Whether our projections of >= ONEDNN_MIN_ROWS rows (the training batch) went through oneDNN.
+    # Whether our larger projections (cpu_kernels.use_onednn) went through oneDNN.
     results["onednn_linear"] = onednn_linear_enabled()
 
     def train_step_ours():

@@ -238,3 +238,27 @@ def test_prepare_for_another_time_is_ignored(mp_like, rng):
         decoder.prepare(1.5)
     with pytest.raises(ValueError, match="t_next"):
         decoder.prepare(float("nan"))
+
+
+def test_packed_latent_products_equal_offline(rng, monkeypatch):
+    """At poyo-mp's latent count and heads (128 latent rows, 8 heads) the large per-step products
+    go through oneDNN with packed weights (cpu_kernels.use_onednn); the decode stays equal to the
+    offline path, and ``POYO_HF_ONEDNN_LINEAR=0`` builds a decoder without them."""
+    from poyo_hf.models.poyo.cpu_kernels import onednn_linear_enabled
+
+    if not onednn_linear_enabled():
+        pytest.skip("torch built without oneDNN, or not an x86-64 machine")
+    units = [f"s/u{i}" for i in range(12)]
+    config = PoyoConfig.from_preset("poyo-mp", num_hidden_layers=2, unit_vocab_size=len(units) + 1, session_vocab_size=2)
+    processor = PoyoProcessor.from_config(config, {"s": units})
+    torch.manual_seed(0)
+    model = PoyoForDecoding(config).eval()
+    times, ids = poisson(units, 2.0, 20.0, rng)
+    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.02, outputs_per_step=2)
+    # Per layer QKV (128 x 64 -> 1536), out-projection (512 -> 64) and fc1 (64 -> 512), and the
+    # encoder's fc1, pass the size threshold; every fc2, the encoder's out-projection (128 -> 64)
+    # and the decoder's K/V (64 -> 256) stay below it.
+    assert len(decoder._packed) == 2 * 3 + 1
+    stream_and_compare(model, processor, "s", times, ids, 1.0 + 0.05 * np.arange(1, 12), rng, decoder, prepare=True)
+    monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
+    assert PoyoStreamingDecoder(model, processor, "s")._packed == {}

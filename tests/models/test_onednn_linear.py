@@ -1,7 +1,10 @@
 """Linear layers through oneDNN (cpu_kernels.linear / PoyoLinear): same values and gradients as
-``F.linear``, taken only where it was measured to pay, and switchable off."""
+``F.linear``, packed weights that follow the module's weight, taken only where it was measured to
+pay, and switchable off."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from poyo_hf import PoyoForDecoding, PoyoProcessor
 from poyo_hf.models.poyo import cpu_kernels
-from poyo_hf.models.poyo.cpu_kernels import ONEDNN_MIN_ROWS, PoyoLinear, linear
+from poyo_hf.models.poyo.cpu_kernels import ONEDNN_MIN_MACS, PoyoLinear, linear
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.onednn_linear_enabled(), reason="torch built without oneDNN, or not an x86-64 machine"
@@ -40,12 +43,16 @@ def _onednn_calls(names: list[str]) -> int:
     return sum(name == "mkldnn._linear_pointwise" for name in names)
 
 
+def _packs(names: list[str]) -> int:
+    return sum(name == "mkldnn._reorder_linear_weight" for name in names)
+
+
 @pytest.mark.parametrize(
     "shape, out_features, bias",
     [
         ((3, 400, 64), 1536, False),  # N > K: grad_w via the (K, N) orientation
         ((700, 512), 64, True),  # N < K: grad_w via the (N, K) orientation
-        ((ONEDNN_MIN_ROWS, 64), 512, True),  # exactly at the threshold
+        ((ONEDNN_MIN_MACS // (64 * 64), 64), 64, True),  # exactly at the threshold
     ],
 )
 def test_values_and_gradients_equal_f_linear(shape, out_features, bias):
@@ -55,7 +62,7 @@ def test_values_and_gradients_equal_f_linear(shape, out_features, bias):
     upstream = torch.randn(*shape[:-1], out_features, generator=g)
 
     names = _ops(lambda: (layer(x) * upstream).sum().backward())
-    assert _onednn_calls(names) == 3  # forward, grad_x, grad_w
+    assert _onednn_calls(names) == 3 and _packs(names) == 0  # forward, grad_x, grad_w; trained weights unpacked
     grads = (x.grad.clone(), layer.weight.grad.clone(), None if layer.bias is None else layer.bias.grad.clone())
 
     # Reference: the same products in float64 through F.linear's own autograd.
@@ -84,39 +91,73 @@ def test_strided_input_and_inference_mode():
     torch.testing.assert_close(out, F.linear(x.contiguous(), layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_inference_packs_once_and_follows_weight_changes():
+    layer = PoyoLinear(64, 1536)
+    x = torch.randn(128, 64)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        names = _ops(lambda: [layer(x) for _ in range(3)])
+    assert _packs(names) == 1 and _onednn_calls(names) == 3  # packed on first use, then reused
+    check()
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # in place, as an optimizer step: the version changes
+    check()
+    layer.load_state_dict({"weight": torch.randn(1536, 64), "bias": torch.randn(1536)})
+    check()
+    layer.weight.data = torch.randn(1536, 64)  # new storage
+    check()
+    # The packed copy lives beside the module: copies and state dicts hold plain tensors only.
+    clone = copy.deepcopy(layer)
+    assert set(clone.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+    # With gradients the weight is used as it is (no packing).
+    names = _ops(lambda: layer(x.requires_grad_()).sum().backward())
+    assert _packs(names) == 0 and _onednn_calls(names) == 3
+
+
 @pytest.mark.parametrize(
     "case",
-    ["below the row threshold", "float64", "bfloat16 autocast", "switched off"],
+    ["below the size threshold", "float64", "bfloat16 autocast", "switched off"],
 )
 def test_other_cases_are_exactly_f_linear(case, monkeypatch):
-    rows = ONEDNN_MIN_ROWS - 1 if case == "below the row threshold" else 2 * ONEDNN_MIN_ROWS
+    # 64 x 64 products: one row less than the threshold, or twice as many rows.
+    rows = ONEDNN_MIN_MACS // (64 * 64) - 1 if case == "below the size threshold" else 2 * ONEDNN_MIN_MACS // (64 * 64)
     dtype = torch.float64 if case == "float64" else torch.float32
-    layer = PoyoLinear(64, 96).to(dtype)
+    layer = PoyoLinear(64, 64).to(dtype)
     x = torch.randn(rows, 64, dtype=dtype)
     if case == "switched off":
         monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bfloat16 autocast"):
-        names = _ops(lambda: layer(x))
-        out = layer(x)
-        expected = F.linear(x, layer.weight, layer.bias)
-    assert _onednn_calls(names) == 0
-    assert torch.equal(out, expected)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                names = _ops(lambda: layer(x))
+                out = layer(x)
+                expected = F.linear(x, layer.weight, layer.bias)
+            assert _onednn_calls(names) == 0
+            assert torch.equal(out, expected)
 
 
 def test_setting_is_validated(monkeypatch):
     monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "yes")
     with pytest.raises(ValueError, match="POYO_HF_ONEDNN_LINEAR='yes'"):
-        linear(torch.randn(ONEDNN_MIN_ROWS, 8), torch.randn(4, 8))
+        linear(torch.randn(ONEDNN_MIN_MACS // 32, 8), torch.randn(4, 8))
 
 
-def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
-    """A whole model, loss and gradients, with its projections through oneDNN vs through F.linear."""
-    config = tiny_config(unit_vocab_size=7, session_vocab_size=2)
+def _poyo_batch_and_model():
+    # Wide enough (hidden 64) that the projections pass the oneDNN size threshold at 80 windows.
+    config = tiny_config(
+        unit_vocab_size=7, session_vocab_size=2, hidden_size=64, head_dim=32, num_self_attention_heads=4
+    )
     units = [f"s/u{i}" for i in range(6)]
     proc = PoyoProcessor.from_config(config, {"s": units})
     g = torch.Generator().manual_seed(3)
     windows = []
-    for _ in range(2 * ONEDNN_MIN_ROWS // config.num_latents + 1):  # enough latent rows for oneDNN
+    for _ in range(80):
         n = 40
         windows.append(
             {
@@ -128,9 +169,13 @@ def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
                 "targets": torch.randn(8, 2, generator=g).numpy(),
             }
         )
-    batch = dict(proc(windows))
     torch.manual_seed(0)
-    model = PoyoForDecoding(config).eval()  # eval: no dropout, so both runs see the same function
+    return dict(proc(windows)), PoyoForDecoding(config).eval()  # eval: no dropout, the same function
+
+
+def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
+    """A whole model, loss and gradients, with its projections through oneDNN vs through F.linear."""
+    batch, model = _poyo_batch_and_model()
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -138,8 +183,7 @@ def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    names = _ops(loss_and_grads)
-    assert _onednn_calls(names) > 0
+    assert _onednn_calls(_ops(loss_and_grads)) > 0
     loss, grads = loss_and_grads()
     monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
     assert _onednn_calls(_ops(loss_and_grads)) == 0
@@ -148,3 +192,14 @@ def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
     assert grads.keys() == grads_ref.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_poyo_inference_equals_the_f_linear_path(monkeypatch):
+    batch, model = _poyo_batch_and_model()
+    with torch.no_grad():
+        names = _ops(lambda: model(**batch))
+        assert _onednn_calls(names) > 0 and _packs(names) > 0
+        fast = model(**batch).predictions
+        monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
+        reference = model(**batch).predictions
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-4)

@@ -30,6 +30,7 @@ import functools
 import os
 import platform
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -173,25 +174,36 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 # Linear layers through oneDNN
 # ----------------------------------------------------------------------------------------
 # Why by hand: torch's float32 ``F.linear`` on the CPU calls MKL's sgemm. On the AMD EPYC machine
-# this was measured on (2 threads), MKL runs the training batch's projections at about half the
-# speed oneDNN does; oneDNN ships inside every x86 torch wheel (torch runs its convolutions with it)
-# and ``torch.ops.mkldnn._linear_pointwise`` is the entry point torch's own compiler emits for it.
-# No public torch API routes a float32 linear (or its backward) there, hence this autograd function.
-# Measured (one process, old/new steps interleaved): a training step 9-17% faster for poyo-mp on
-# the benchmark batch (32 windows, 128 latents each), 19% for poyo-1 (16 windows), 7% for the
-# quickstart's 2-layer model (16 windows, 64 latents each); per projection, e.g. the self-attention QKV (4096 x 64 -> 1536)
-# forward 3.6 vs 8.5 ms and input gradient 3.8 vs 8.8 ms. At a few hundred rows (batch-1
-# inference: 128 latents) it measured no faster, so smaller inputs keep ``F.linear``
-# (``ONEDNN_MIN_ROWS``). Results equal ``F.linear``'s up to float32 rounding (summation order).
+# this was measured on (2 threads), MKL runs POYO's projections at about half the speed oneDNN
+# does; oneDNN ships inside every x86 torch wheel (torch runs its convolutions with it) and
+# ``torch.ops.mkldnn._linear_pointwise`` is the entry point torch's own compiler emits for it.
+# No public torch API routes a float32 linear (or its backward) there, hence this module.
+# * Training: :class:`_OneDnnLinear` (forward and both gradients through oneDNN). Measured (one
+#   process, old/new steps interleaved): a training step 9-17% faster for poyo-mp on the benchmark
+#   batch (32 windows, 128 latents each), 19% for poyo-1 (16 windows), 7% for the quickstart's
+#   2-layer model (16 windows, 64 latents each); per projection, e.g. the self-attention QKV
+#   (4096 x 64 -> 1536) forward 3.6 vs 8.5 ms and input gradient 3.8 vs 8.8 ms.
+# * Inference (no gradient): :class:`PoyoLinear` multiplies by a copy of its weight reordered
+#   once into oneDNN's blocked layout (:func:`pack_weight`; refreshed when the weight changes).
+#   Unpacked, oneDNN was no faster at batch 1 (128 latent rows); packed, the batch-1 forward took
+#   ~5% less time and a streaming step 7-13% less at p50 (interleaved A/B).
+# * Only products of at least ``ONEDNN_MIN_MACS`` multiply-adds: a oneDNN call costs ~20 us more
+#   than MKL's for tiny ones (100 x 64 -> 2: 21 vs 6 us; 128 x 256 -> 64, 2.1M MACs: even;
+#   300 x 64 -> 256, 4.9M: 36 vs 58 us).
+# Results equal ``F.linear``'s up to float32 rounding (summation order).
 # ``POYO_HF_ONEDNN_LINEAR=0`` keeps ``F.linear`` everywhere; ``=1`` also uses oneDNN off x86.
 
-ONEDNN_MIN_ROWS = 512
+ONEDNN_MIN_MACS = 1 << 22  # rows x in_features x out_features
 _ONEDNN_SETTINGS = ("0", "1", "auto")
 
 
 @functools.cache
 def _onednn_available() -> bool:
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (
+        bool(torch.backends.mkldnn.is_available())
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 def onednn_linear_enabled() -> bool:
@@ -208,9 +220,25 @@ def onednn_linear_enabled() -> bool:
     return setting == "1" or platform.machine().lower() in ("x86_64", "amd64")
 
 
+def use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether ``x @ weight^T + bias`` goes through oneDNN here: float32 CPU operands, at least
+    ``ONEDNN_MIN_MACS`` multiply-adds, not under autocast or ``torch.compile`` tracing, enabled."""
+    return (
+        x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+        and onednn_linear_enabled()
+    )
+
+
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T + bias: (M, N). A transposed ``weight`` view is read in place
-    (oneDNN's "ba" layout); a transposed ``x`` is first copied by the op (ONEDNN_VERBOSE shows both)."""
+    """x (M, K) @ weight (N, K)^T + bias: (M, N). ``weight`` may be packed (:func:`pack_weight`).
+    A transposed ``weight`` view is read in place (oneDNN's "ba" layout); a transposed ``x`` is
+    first copied by the op (ONEDNN_VERBOSE shows both)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -240,37 +268,63 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN for float32 CPU inputs of at least
-    ``ONEDNN_MIN_ROWS`` rows (see above); every other case (GPU, autocast, bf16, small inputs,
-    ``torch.compile`` tracing, ``POYO_HF_ONEDNN_LINEAR=0``) is ``F.linear`` itself."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if (
-        rows < ONEDNN_MIN_ROWS
-        or x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
-        or (bias is not None and bias.dtype != torch.float32)
-        or torch.compiler.is_compiling()
-        or torch.is_autocast_enabled("cpu")
-        or not onednn_linear_enabled()
-    ):
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, k)
-    weight = weight.contiguous()
-    track = torch.is_grad_enabled() and (
+def _tracks_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    out = _OneDnnLinear.apply(x2, weight, bias) if track else _onednn(x2, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN where :func:`use_onednn` says so (see above);
+    every other case (GPU, autocast, bf16, small products, ``torch.compile`` tracing,
+    ``POYO_HF_ONEDNN_LINEAR=0``) is ``F.linear`` itself."""
+    if not use_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    weight = weight.contiguous()
+    apply = _OneDnnLinear.apply if _tracks_grad(x, weight, bias) else _onednn
+    return apply(_as_rows(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A float32 CPU ``weight`` (N, K) reordered into oneDNN's blocked layout for inputs of about
+    ``rows`` rows (any row count gives the same products), for :func:`packed_linear`. A copy, for
+    inference: it does not follow later changes of ``weight`` and takes no gradient."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias`` with ``packed = pack_weight(weight, ...)``, for float32 CPU ``x``."""
+    return _onednn(_as_rows(x), packed, bias).view(*x.shape[:-1], packed.shape[0])
+
+
+# Each PoyoLinear's packed weight, beside the module rather than on it, so that deepcopy, pickling,
+# state dicts and ``.to()`` never see oneDNN tensors: module -> ((data_ptr, version), packed).
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PoyoLinear(nn.Linear):
-    """``nn.Linear`` (same parameters, init and state-dict keys) whose forward is :func:`linear`."""
+    """``nn.Linear`` (same parameters, init and state-dict keys) whose products go through oneDNN
+    where :func:`use_onednn` says so: :func:`linear` when gradients flow, otherwise a packed copy
+    of the weight (made on first use, remade whenever the weight's data or version changes, as an
+    optimizer step or ``load_state_dict`` does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        if _tracks_grad(x, weight, bias) or not use_onednn(x, weight, bias):
+            return linear(x, weight, bias)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] != key:
+            cached = (key, pack_weight(weight, x.numel() // x.shape[-1]))
+            _PACKED[self] = cached
+        return packed_linear(x, cached[1], bias)
 
 
-__all__ = ["kernels", "draw_seed", "linear", "PoyoLinear", "onednn_linear_enabled", "ONEDNN_MIN_ROWS"]
+__all__ = [
+    "kernels", "draw_seed", "linear", "PoyoLinear", "onednn_linear_enabled", "use_onednn", "pack_weight",
+    "packed_linear", "ONEDNN_MIN_MACS",
+]
