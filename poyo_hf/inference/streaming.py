@@ -34,6 +34,13 @@ Two later changes (session 3, A/B interleaved in one process, poyo-mp, 100 units
   shared machine). The rest - the 6-layer latent stack, ~3.8 ms at ~130-145 GFLOP/s - is the
   float32 matmul floor here (the 2-thread fp32 GEMM peak measured ~170 GFLOP/s).
 
+Later (session 7): the products on the latent rows that pass ``cpu_kernels.use_onednn``'s size rule
+(each layer's QKV, out-projection and fc1, the encoder's fc1) go through oneDNN with weights
+packed once at construction, as ``PoyoLinear`` does at inference: p50 5.31 -> 4.87 ms and p99
+8.87 -> 8.15 ms at 100 units (400 prepared steps, interleaved A/B; MKL's sgemm runs these at about
+half oneDNN's speed on the AMD machine measured). The attention products stay on torch's bmm/SDPA
+(oneDNN has no batched entry point in torch, and per-head calls cost more than they save).
+
 Evaluated and dropped (measured slower or not exact): caching each spike's rotation against a
 fixed stream origin (not equal to the offline path within 1e-5, see below), ``torch.compile`` of the latent stack (46 s to compile, no gain:
 inductor does not generate code for complex ops and the time is in matmul/SDPA), SDPA on 3-D
