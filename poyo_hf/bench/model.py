@@ -23,8 +23,9 @@ cross-attention 144, the six latent layers 480, decoder and FFNs the rest). The 
 times exactly those products and attention kernels alone (:func:`matmul_floor`: ``mm`` /
 ``addmm``, oneDNN for the larger projections as in the forward, SDPA), interleaved with both
 forwards: 0.43-0.47x the reference's latency with MKL for every projection (3 runs, 2026-11-22:
-floor 4.9-6.3 ms, reference 10.4-14.6, ours 8.9-11.4), 0.40-0.46x with the packed oneDNN
-products (4 runs: floor 5.1-6.1 ms, ours/ref 0.75-0.85). A forward at 0.5x would leave every norm,
+floor 4.9-6.3 ms, reference 10.4-14.6, ours 8.9-11.4), 0.40-0.41x with the packed oneDNN
+products (2 runs, same day: floor 5.7-6.1 ms, reference 14.2-14.9, ours 10.8-11.2, ours/ref
+0.75-0.76). A forward at 0.5x would leave every norm,
 rotation, GEGLU, gather and Python line ~0.5-1 ms in all; ours spends ~4-5 ms on them. Measured
 and not adopted: bf16 autocast (no faster on this CPU: 12.7 vs 12.1 ms fp32, same run);
 ``torch.compile`` of a functional batch-1 forward with a real-valued rotary (inductor, 17-27 s to
