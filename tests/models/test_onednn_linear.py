@@ -110,6 +110,10 @@ def test_inference_packs_once_and_follows_weight_changes():
     check()
     layer.weight.data = torch.randn(1536, 64)  # new storage
     check()
+    layer.weight = torch.nn.Parameter(torch.randn(1536, 64))  # a new Parameter object
+    check()
+    layer.load_state_dict({"weight": torch.randn(1536, 64), "bias": torch.randn(1536)}, assign=True)
+    check()
     # The packed copy lives beside the module: copies and state dicts hold plain tensors only.
     clone = copy.deepcopy(layer)
     assert set(clone.state_dict()) == {"weight", "bias"}

@@ -302,15 +302,17 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 # Each PoyoLinear's packed weight, beside the module rather than on it, so that deepcopy, pickling,
-# state dicts and ``.to()`` never see oneDNN tensors: module -> ((data_ptr, version), packed).
+# state dicts and ``.to()`` never see oneDNN tensors: module -> (weakref to the weight it was packed
+# from, (data_ptr, version, shape) then, packed). A new Parameter object, new storage or an
+# in-place change (optimizer step, load_state_dict) each make the next call pack again.
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PoyoLinear(nn.Linear):
     """``nn.Linear`` (same parameters, init and state-dict keys) whose products go through oneDNN
     where :func:`use_onednn` says so: :func:`linear` when gradients flow, otherwise a packed copy
-    of the weight (made on first use, remade whenever the weight's data or version changes, as an
-    optimizer step or ``load_state_dict`` does)."""
+    of the weight (made on first use, remade whenever the weight is replaced or its data or version
+    changes, as an optimizer step or ``load_state_dict`` does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -318,10 +320,10 @@ class PoyoLinear(nn.Linear):
             return linear(x, weight, bias)
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
         cached = _PACKED.get(self)
-        if cached is None or cached[0] != key:
-            cached = (key, pack_weight(weight, x.numel() // x.shape[-1]))
+        if cached is None or cached[0]() is not weight or cached[1] != key:
+            cached = (weakref.ref(weight), key, pack_weight(weight, x.numel() // x.shape[-1]))
             _PACKED[self] = cached
-        return packed_linear(x, cached[1], bias)
+        return packed_linear(x, cached[2], bias)
 
 
 __all__ = [
