@@ -208,8 +208,14 @@ def _onednn_available() -> bool:
 
 def onednn_linear_enabled() -> bool:
     """Whether :func:`linear` may route float32 CPU products through oneDNN in this process: by
-    default on x86-64 where torch was built with oneDNN (``POYO_HF_ONEDNN_LINEAR``: 0, 1 or auto)."""
-    setting = os.environ.get("POYO_HF_ONEDNN_LINEAR", "auto").strip().lower()
+    default on x86-64 where torch was built with oneDNN (``POYO_HF_ONEDNN_LINEAR``: 0, 1 or auto).
+    The variable is read at every call (tests and users may change it); its meaning is cached."""
+    return _onednn_setting_enabled(os.environ.get("POYO_HF_ONEDNN_LINEAR", "auto"))
+
+
+@functools.cache
+def _onednn_setting_enabled(raw: str) -> bool:
+    setting = raw.strip().lower()
     if setting not in _ONEDNN_SETTINGS:
         raise ValueError(
             f"POYO_HF_ONEDNN_LINEAR={setting!r} is not one of {', '.join(_ONEDNN_SETTINGS)}; "
@@ -278,15 +284,20 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # (..., K) -> (M, K)
 
 
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, track: bool) -> torch.Tensor:
+    """The oneDNN product once :func:`use_onednn` said yes; through :class:`_OneDnnLinear` if ``track``."""
+    weight = weight.contiguous()
+    apply = _OneDnnLinear.apply if track else _onednn
+    return apply(_as_rows(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN where :func:`use_onednn` says so (see above);
     every other case (GPU, autocast, bf16, small products, ``torch.compile`` tracing,
     ``POYO_HF_ONEDNN_LINEAR=0``) is ``F.linear`` itself."""
     if not use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
-    weight = weight.contiguous()
-    apply = _OneDnnLinear.apply if _tracks_grad(x, weight, bias) else _onednn
-    return apply(_as_rows(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return _onednn_linear(x, weight, bias, _tracks_grad(x, weight, bias))
 
 
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
@@ -316,8 +327,10 @@ class PoyoLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if _tracks_grad(x, weight, bias) or not use_onednn(x, weight, bias):
-            return linear(x, weight, bias)
+        if not use_onednn(x, weight, bias):  # decided once per call: linear() would ask again
+            return F.linear(x, weight, bias)
+        if _tracks_grad(x, weight, bias):
+            return _onednn_linear(x, weight, bias, track=True)
         key = (weight.data_ptr(), weight._version, tuple(weight.shape))
         cached = _PACKED.get(self)
         if cached is None or cached[0]() is not weight or cached[1] != key:
