@@ -219,3 +219,54 @@ def test_build_failure_warns_and_falls_back(monkeypatch, request):
         assert cpu_kernels.kernels() is None
     out = mp.seeded_dropout(torch.ones(1000), 0.5, 3)  # still works, through torch
     assert 0.3 < (out == 0).float().mean().item() < 0.7
+
+
+def test_ndt_training_path_equals_eager_when_masks_keep_everything(mask_source, monkeypatch):
+    """NDT trains through the same CPU kernels (PoyoDropout, cpu_dropout_attention with NDT's
+    (B, 1, T, T) band-and-padding mask): with every mask kept, its training loss and gradients equal
+    the eager reference's with dropout off."""
+    from make_ndt_fixture import tiny_ndt_config
+
+    from poyo_hf.models.ndt import NdtForMaskedModeling, NdtProcessor
+    from poyo_hf.models.ndt.modeling_ndt import NdtAttention
+
+    config = tiny_ndt_config(attention_dropout=0.3, hidden_dropout=0.2, embedding_dropout=0.1, readout_dropout=0.1)
+    torch.manual_seed(0)
+    model = NdtForMaskedModeling(config).train()
+    proc = NdtProcessor.from_config(config, [f"u{i}" for i in range(5)], [f"h{i}" for i in range(3)])
+    rng = np.random.default_rng(0)
+    trials = [
+        {"spikes": rng.poisson(1.0, (t, 5)), "heldout_spikes": rng.poisson(1.0, (t, 3)),
+         "forward_spikes": rng.poisson(1.0, (4, 8))}
+        for t in (12, 7, 10)  # different lengths: padding bins under the mask, besides the band
+    ]
+    batch = dict(proc(trials))
+    bins = torch.zeros(batch["attention_mask"].shape, dtype=torch.bool)
+    bins[:, [1, 4, 6]] = True
+    used = []
+
+    def keep_all(x, p, seed):
+        used.append(p)
+        return x.clone()
+
+    def loss_and_grads(impl):
+        model.zero_grad(set_to_none=True)
+        model.config._attn_implementation = impl
+        loss = model(**batch, mask=bins, generator=torch.Generator().manual_seed(1)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    monkeypatch.setattr(mp, "seeded_dropout", keep_all)
+    loss, grads = loss_and_grads("sdpa")
+    L = config.num_hidden_layers
+    # Forward: embedding, per layer the attention weights + the FFN's inner and the layer's two residual
+    # dropouts, readout. Backward regenerates each PoyoDropout mask once more (attention keeps A).
+    forward = [0.1] + [0.3, 0.2, 0.2, 0.2] * L + [0.1]
+    assert sorted(used) == sorted(forward + [0.1] + [0.2, 0.2, 0.2] * L + [0.1])
+    model.eval()  # nn.Dropout off; eager attention with dropout 0
+    assert not any(isinstance(m, NdtAttention) and m.training for m in model.modules())
+    loss_ref, grads_ref = loss_and_grads("eager")
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -298,6 +298,33 @@ def test_loss_is_the_poisson_nll_on_masked_heldout_and_forward_entries(rng):
     assert len(xs) == 5 * 3 + 5 * 2 + (12 + 8) * 3 + 2 * 4 * 8
 
 
+def test_loss_ignores_unscored_entries_even_when_they_overflow():
+    """Unscored log-rates never reach the loss or its gradient, even ones whose exp overflows
+    (a masked sum must not turn 0 * inf into NaN); no scored entry gives 0 with a graph."""
+    model, _ = make_model()
+    T, N = 16, 8
+    log_rates = torch.randn(1, T, N, dtype=torch.float64)
+    log_rates[0, 3, 0] = 200.0  # bin 3 is not masked: unscored, exp(200) overflows float32 / is huge
+    log_rates = log_rates.float().requires_grad_()
+    spikes = torch.poisson(torch.full((1, T, 5), 1.0))
+    bins = torch.zeros(1, T, dtype=torch.bool)
+    bins[0, [1, 6]] = True
+    observed = torch.arange(T)[None] < 12
+    loss = model.loss_function(log_rates, spikes, bins, observed, None, None, torch.tensor([12]))
+    loss.backward()
+    x, y = log_rates.detach()[0, [1, 6], :5].double(), spikes[0, [1, 6]].double()
+    assert loss.item() == pytest.approx((x.exp() - y * x).mean().item(), rel=1e-6)
+    grad = log_rates.grad[0]
+    assert torch.isfinite(grad).all()
+    scored = torch.zeros(T, N, dtype=torch.bool)
+    scored[[1, 6], :5] = True
+    assert torch.all(grad[~scored] == 0) and torch.all(grad[scored] != 0)
+
+    empty = torch.zeros(1, T, dtype=torch.bool)
+    none = model.loss_function(log_rates, spikes, empty, observed, None, None, torch.tensor([12]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
 def test_loss_without_masking_scores_heldout_and_forward_only(rng):
     model, proc = make_model()
     batch = proc(count_trials(rng, lengths=(12,)))

@@ -207,3 +207,33 @@ def test_poyo_inference_equals_the_f_linear_path(monkeypatch):
         monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
         reference = model(**batch).predictions
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_ndt_training_step_equals_the_f_linear_path(monkeypatch):
+    """NDT's projections are PoyoLinear too: an MC_Maze-sized model's loss and gradients through
+    oneDNN vs through F.linear (eval: no dropout; an explicit bin mask)."""
+    from poyo_hf.bench.ndt import mc_maze_model
+
+    model, proc = mc_maze_model(None, seed=0)
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    T = c.num_bins + c.num_forward_bins
+    spikes = torch.poisson(torch.full((4, T, c.num_neurons), 0.3), generator=g)
+    held = torch.poisson(torch.full((4, T, c.num_heldout_neurons), 0.3), generator=g)
+    bins = torch.rand(4, T, generator=g) < 0.25
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(spikes=spikes, heldout_spikes=held, mask=bins, generator=torch.Generator().manual_seed(1)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert _onednn_calls(_ops(loss_and_grads)) >= 3 * c.num_hidden_layers  # QKV and the FFN, at least
+    loss, grads = loss_and_grads()
+    monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
+    assert _onednn_calls(_ops(loss_and_grads)) == 0
+    loss_ref, grads_ref = loss_and_grads()
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
