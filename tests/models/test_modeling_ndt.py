@@ -475,6 +475,13 @@ def test_trust_remote_code_loads_in_a_process_without_poyo_hf(tmp_path, rng):
         assert torch.equal(again["spikes"][0], batch["spikes"][0, :14]), again["spikes"]
         with torch.no_grad():
             torch.save(m(**batch).log_rates, {str(tmp_path / "out.pt")!r})
+        # Without poyo_hf the CPU training kernels fall back to plain torch layers, and it trains.
+        kinds = {{type(x).__name__ for x in m.modules()}}
+        assert "Linear" in kinds and "Dropout" in kinds and not {{"PoyoLinear", "PoyoDropout"}} & kinds, kinds
+        m.train()
+        loss = m(**batch).loss
+        loss.backward()
+        assert torch.isfinite(loss) and m.readout.weight.grad is not None
         print(type(m).__name__, type(p).__name__)
         """
     )
