@@ -56,9 +56,23 @@ def test_bench_model_prints_a_table_and_json():
     assert result["onednn_linear"] is (
         torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
     )
-    assert "train steps/s" in res.stdout
+    assert "train steps/s" in res.stdout and "samples/s" in res.stdout
+    assert result["device"] == "cpu" and result["autocast"] == "none"
+    assert result["ours_train_samples_per_s"] == pytest.approx(4 * result["ours_train_steps_per_s"])
     try:
         import torch_brain  # noqa: F401
     except ImportError:
         return
     assert result["ref_train_steps_per_s"] > 0 and "torch_brain" in res.stdout
+    assert result["ref_train_samples_per_s"] == pytest.approx(4 * result["ref_train_steps_per_s"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_model_refuses_cuda_without_cuda(capsys):
+    from poyo_hf.bench import model as bench_model
+
+    with pytest.raises(SystemExit):
+        bench_model.main(["--device", "cuda", "--steps", "1"])
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        bench_model.run(steps=1, latency_runs=1, n_windows=1, device="cuda")

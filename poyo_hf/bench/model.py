@@ -6,6 +6,13 @@ Measures training steps/s (forward + weighted-MSE loss + backward + AdamW step) 
 inference latency (p50/p99), for poyo_hf and, when ``torch_brain`` is installed, for the
 reference POYO on the same tokens in the same run, and prints the ratios. The two are timed
 call by call in alternation (``time_interleaved``), so that both see the same machine state.
+Training is also reported as samples (windows) per second.
+
+``--device cuda`` runs the same measurements on a GPU: both implementations' forwards and losses
+under bf16 autocast (as ``poyo-hf pretrain`` trains there), each timed call ending with a device
+synchronisation. Third-party figures for the reference: 128 samples/s for POYO-mp and 57 for
+POYO-1 on one GB10. No GPU was available to this project's sessions so far, so that path has
+only been checked to refuse cleanly where CUDA is missing.
 
 Where a training step goes (poyo_hf, this batch, 2 threads, torch profiler, measured 2026-11;
 shares of self time): attention ``bmm`` 33% and projections (``mm`` / ``addmm``) 16%, i.e. half the step is
@@ -105,7 +112,7 @@ def _reference(config, proc):
     return ref
 
 
-def matmul_floor(config, inputs: dict, readout_dim: int = 2):
+def matmul_floor(config, inputs: dict, readout_dim: int = 2, device: torch.device | str = "cpu"):
     """A function that runs only the matrix products and attention kernels of one batch-1 POYO
     forward on ``inputs`` (one window from the processor), with the same shapes and the same
     kernels (the model's own layer class for the projections, so ``mm`` / ``addmm`` or oneDNN with a
@@ -127,7 +134,7 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2):
     g = torch.Generator().manual_seed(0)
 
     def r(*shape):
-        return torch.randn(*shape, generator=g)
+        return torch.randn(*shape, generator=g).to(device)
 
     lat, rows, outs = r(n_lat, D), r(n_rows, D), r(n_outputs, D)
     # The projections are the model's own layer class (PoyoLinear), so each product takes the
@@ -136,6 +143,7 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2):
         lin = dict(q=PoyoLinear(D, Hx * Dh, bias=False), kv=PoyoLinear(D, 2 * Hx * Dh, bias=False),
                    o=PoyoLinear(Hx * Dh, D), qkv=PoyoLinear(D, 3 * Hs * Dh, bias=False), o_s=PoyoLinear(Hs * Dh, D),
                    fc1=PoyoLinear(D, 2 * mult * D), fc2=PoyoLinear(mult * D, D), head=PoyoLinear(D, readout_dim))
+    lin = {name: m.to(device) for name, m in lin.items()}
     enc_q, enc_kv = r(1, Hx, n_lat, Dh), r(1, Hx, n_tokens, Dh)
     lat_s = r(1, Hs, n_lat, Dh)
     dec_q, dec_kv = r(1, Hx, n_outputs, Dh), r(1, Hx, n_lat, Dh)
@@ -174,16 +182,46 @@ def _weighted_mse(pred, labels, mask):
     return (w * sq).sum() / w.sum()
 
 
-def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, threads: int = 2, n_windows: int = 32) -> dict:
+def run(
+    preset: str = "poyo-mp",
+    steps: int = 10,
+    latency_runs: int = 50,
+    threads: int = 2,
+    n_windows: int = 32,
+    device: str = "cpu",
+) -> dict:
+    """The measurements of ``poyo-hf bench model`` as a dict (see the module docstring).
+
+    On CUDA both implementations run their forwards (and losses) under bf16 autocast, as
+    ``poyo-hf pretrain`` trains there, and every timed call ends with a device synchronisation."""
     set_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available in this torch build; use device='cpu'.")
     windows = benchmark_batch(n_windows=n_windows)
     model, proc = _ours(preset, windows)
-    batch = dict(proc(windows))
+    model.to(dev)
+    batch = {k: v.to(dev) for k, v in proc(windows).items()}
     # Batch-1 inference gets what a decoder gets at run time: no labels, hence no loss (the
     # reference is called without them too).
-    one = {k: v for k, v in proc(windows[:1]).items() if k not in ("labels", "output_weights")}
-    latent_index, latent_t = model.poyo.latent_grid()
+    one = {k: v.to(dev) for k, v in proc(windows[:1]).items() if k not in ("labels", "output_weights")}
+    latent_index, latent_t = model.poyo.latent_grid(dev)
     ref = _reference(model.config, proc)
+    if ref is not None:
+        ref.to(dev)
+    autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def timed(fn):
+        """fn under the device's autocast; on CUDA it returns only once the device is done."""
+
+        def call():
+            with autocast:
+                out = fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return out
+
+        return call
 
     def ref_inputs(b):
         B = b["input_unit_index"].shape[0]
@@ -205,6 +243,8 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
         "tokens_per_window": float(batch["input_mask"].sum(1).float().mean()),
         "outputs_per_window": int(batch["output_mask"].sum(1)[0]),
         "torch": torch.__version__,
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "autocast": "bf16" if dev.type == "cuda" else "none",
         "machine": platform.machine(),
         "malloc": allocator.policy(),  # the same for both implementations: one process
     }
@@ -218,13 +258,16 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
 
     def train_step_ours():
         opt.zero_grad(set_to_none=True)
-        out = model(**batch)
+        with autocast:
+            out = model(**batch)
         out.loss.backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_fns = {"ours": train_step_ours}
-    infer_fns = {"ours": lambda: model(**one), "floor": matmul_floor(model.config, one)}
+    infer_fns = {"ours": timed(lambda: model(**one)), "floor": timed(matmul_floor(model.config, one, device=dev))}
     if ref is not None:
         ref_batch, ref_one = ref_inputs(batch), ref_inputs(one)
         labels = batch["labels"]
@@ -233,12 +276,16 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
 
         def train_step_ref():
             ropt.zero_grad(set_to_none=True)
-            pred = ref(**ref_batch)
-            _weighted_mse(pred, torch.nan_to_num(labels), mask).backward()
+            with autocast:
+                pred = ref(**ref_batch)
+                loss = _weighted_mse(pred.float(), torch.nan_to_num(labels), mask)
+            loss.backward()
             ropt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
 
         train_fns["ref"] = train_step_ref
-        infer_fns["ref"] = lambda: ref(**ref_one)
+        infer_fns["ref"] = timed(lambda: ref(**ref_one))
 
     # Both implementations are timed call by call in alternation (time_interleaved): measured
     # in separate blocks, the drift of this shared machine's speed read as up to 1.6x between them.
@@ -252,6 +299,7 @@ def run(preset: str = "poyo-mp", steps: int = 10, latency_runs: int = 50, thread
         lat = time_interleaved(infer_fns, latency_runs, warmup=5)
     for name in train_fns:
         results[f"{name}_train_steps_per_s"] = 1.0 / percentile(train_t[name], 0.5)
+        results[f"{name}_train_samples_per_s"] = len(windows) * results[f"{name}_train_steps_per_s"]
         results[f"{name}_latency_p50_ms"] = 1000 * percentile(lat[name], 0.5)
         results[f"{name}_latency_p99_ms"] = 1000 * percentile(lat[name], 0.99)
     results["matmul_floor_p50_ms"] = 1000 * percentile(lat["floor"], 0.5)
@@ -270,22 +318,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 forward passes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=32, help="windows in the training batch (the benchmark uses 32)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with every figure last")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.latency_runs < 1 or args.threads < 1 or args.windows < 1:
         parser.error("--steps, --latency-runs, --threads and --windows must be >= 1")
-    r = run(args.preset, args.steps, args.latency_runs, args.threads, args.windows)
-    rows = [["poyo_hf", r["ours_train_steps_per_s"], r["ours_latency_p50_ms"], r["ours_latency_p99_ms"]]]
-    rows.append(["matrix products only (floor)", "", r["matmul_floor_p50_ms"], ""])
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available in this torch build")
+    r = run(args.preset, args.steps, args.latency_runs, args.threads, args.windows, args.device)
+    rows = [["poyo_hf", r["ours_train_steps_per_s"], r["ours_train_samples_per_s"], r["ours_latency_p50_ms"],
+             r["ours_latency_p99_ms"]]]
+    rows.append(["matrix products only (floor)", "", "", r["matmul_floor_p50_ms"], ""])
     if "ref_train_steps_per_s" in r:
-        rows.append(["torch_brain 0.2.1", r["ref_train_steps_per_s"], r["ref_latency_p50_ms"], r["ref_latency_p99_ms"]])
-        rows.append(["ratio (ours/ref)", r["train_speedup"], r["latency_ratio"], ""])
-        rows.append(["floor / ref", "", r["matmul_floor_ratio"], ""])
+        rows.append(["torch_brain 0.2.1", r["ref_train_steps_per_s"], r["ref_train_samples_per_s"],
+                     r["ref_latency_p50_ms"], r["ref_latency_p99_ms"]])
+        rows.append(["ratio (ours/ref)", r["train_speedup"], "", r["latency_ratio"], ""])
+        rows.append(["floor / ref", "", "", r["matmul_floor_ratio"], ""])
     else:
         print("(torch_brain not installed: reference columns skipped; `pip install torch-brain==0.2.1`)")
     print(f"POYO {args.preset}, {r['windows']} windows x {r['tokens_per_window']:.0f} tokens, "
-          f"{r['outputs_per_window']} outputs, {args.threads} threads")
-    print_table(["implementation", "train steps/s", "b1 latency p50 ms", "p99 ms"], rows)
+          f"{r['outputs_per_window']} outputs, {args.threads} threads, {r['device']} ({r['autocast']} autocast)")
+    print_table(["implementation", "train steps/s", "samples/s", "b1 latency p50 ms", "p99 ms"], rows)
     print("floor: the batch-1 forward's mm / addmm / SDPA calls alone (same shapes and kernels, every other op "
           "free), a bound for any implementation that calls these float32 kernels.")
     if args.json:
