@@ -38,6 +38,12 @@ and not adopted: bf16 autocast (no faster on this CPU: 12.7 vs 12.1 ms fp32, sam
 ``torch.compile`` of a functional batch-1 forward with a real-valued rotary (inductor, 17-27 s to
 compile; 0.73-0.78x our eager time with or without ``cpp_wrapper`` / ``freezing``, still ~3.4 ms
 above the floor); attention through per-head oneDNN products (encoder: 2.0-2.3 vs 1.0-1.05 ms SDPA).
+A lean functional batch-1 forward (session 8: no modules, the latent queries and phases cached,
+bmm + softmax for the latent attention, the streaming decoder's arithmetic) measured 0.66-0.67x
+the reference (3 interleaved runs: reference 9.9-10.1 ms, ours 7.6-7.8, lean 6.6-6.7, floor 4.7-4.8):
+its remaining time is kernels too (bmm 1.4 ms, projections 1.3, encoder SDPA 1.2, rotations 0.4,
+phases 0.35), so it was not adopted as a third copy of the forward. ``torch.polar`` stays for the
+phases: cos + sin is slower on torch 2.13 (batch 1: 7.86 vs 7.69 ms).
 """
 
 from __future__ import annotations
