@@ -177,17 +177,17 @@ def _poyo_batch_and_model():
     return dict(proc(windows)), PoyoForDecoding(config).eval()  # eval: no dropout, the same function
 
 
-def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
-    """A whole model, loss and gradients, with its projections through oneDNN vs through F.linear."""
-    batch, model = _poyo_batch_and_model()
+def _check_against_f_linear(monkeypatch, model, loss_of, min_onednn_calls: int = 1) -> None:
+    """``loss_of()`` (the model's loss) and the gradients it gives, with the projections through
+    oneDNN (at least ``min_onednn_calls`` products) and then through F.linear, agree."""
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        loss = loss_of()
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    assert _onednn_calls(_ops(loss_and_grads)) > 0
+    assert _onednn_calls(_ops(loss_and_grads)) >= min_onednn_calls
     loss, grads = loss_and_grads()
     monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
     assert _onednn_calls(_ops(loss_and_grads)) == 0
@@ -196,6 +196,12 @@ def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
     assert grads.keys() == grads_ref.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_poyo_training_step_equals_the_f_linear_path(monkeypatch):
+    """A whole model, loss and gradients, with its projections through oneDNN vs through F.linear."""
+    batch, model = _poyo_batch_and_model()
+    _check_against_f_linear(monkeypatch, model, lambda: model(**batch).loss)
 
 
 def test_poyo_inference_equals_the_f_linear_path(monkeypatch):
@@ -222,18 +228,7 @@ def test_ndt_training_step_equals_the_f_linear_path(monkeypatch):
     held = torch.poisson(torch.full((4, T, c.num_heldout_neurons), 0.3), generator=g)
     bins = torch.rand(4, T, generator=g) < 0.25
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(spikes=spikes, heldout_spikes=held, mask=bins, generator=torch.Generator().manual_seed(1)).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    def loss_of():
+        return model(spikes=spikes, heldout_spikes=held, mask=bins, generator=torch.Generator().manual_seed(1)).loss
 
-    assert _onednn_calls(_ops(loss_and_grads)) >= 3 * c.num_hidden_layers  # QKV and the FFN, at least
-    loss, grads = loss_and_grads()
-    monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
-    assert _onednn_calls(_ops(loss_and_grads)) == 0
-    loss_ref, grads_ref = loss_and_grads()
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == grads_ref.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    _check_against_f_linear(monkeypatch, model, loss_of, min_onednn_calls=3 * c.num_hidden_layers)  # QKV, FFN
