@@ -94,6 +94,10 @@ from ..models.poyo.cpu_kernels import pack_weight, packed_linear, use_onednn
 from ..models.poyo.modeling_poyo import PoyoForDecoding, rotary_frequencies
 from ..models.poyo.processing_poyo import TOKEN_END, TOKEN_SPIKE, TOKEN_START, PoyoProcessor
 
+# prepare()'s work serves a step whose time differs from the prepared one by at most this many ulps
+# (float64 rounding of the caller's clock arithmetic; see PoyoStreamingDecoder._prepared_fits).
+PREPARED_ULPS = 4
+
 # Shape legend: N spikes in the window, C buffer slots, U units of the session, N_lat latents,
 # n_out outputs of one step, D hidden size, H heads, Dh head dim, R = Dh / 4 rotating pairs.
 
@@ -445,9 +449,10 @@ class PoyoStreamingDecoder:
 
         Optional. For the step at ``t_next`` (default: the last step's ``t_now`` + ``step``), the
         encoder's attention over every spike already pushed into ``[t_next - window, t_next]``
-        (rotation, scores, softmax partial sums) is computed now; :meth:`step` at exactly
-        ``t_next`` then only adds the spikes pushed since, and otherwise ignores this work and
-        runs in full. The result equals the unprepared step to float32 rounding (the softmax is
+        (rotation, scores, softmax partial sums) is computed now; :meth:`step` at ``t_next`` (or
+        within ``PREPARED_ULPS`` float64 ulps of it, as a clock computed ``start + k * step`` lands
+        against the default, with the same spikes in the window) then only adds the spikes pushed
+        since, and otherwise ignores this work and runs in full. The result equals the unprepared step to float32 rounding (the softmax is
         summed in two parts). Call it right after :meth:`step` returns: it moves ~1/4 of the
         per-step compute (poyo-mp, 100 units) off the path from a chunk's arrival to its decode.
         """
@@ -460,6 +465,32 @@ class PoyoStreamingDecoder:
         t0 = t_next - self.window
         lo, hi = self._window_slots(t0, t_next)
         self._prepared = (t_next, hi - lo, *self._attend_spikes(lo, hi, t0, self._edge_partial))
+
+    def _prepared_fits(self, prepared: tuple, t_now: float, lo: int, hi: int) -> bool:
+        """Whether prepare()'s work (for the step at ``t_next = prepared[0]``) serves the step at ``t_now``.
+
+        Exactly when ``t_next == t_now``. Also when they differ by float64 rounding alone (at most
+        ``PREPARED_ULPS`` ulps of ``t_now``: a loop stepping ``t = start + k * step`` lands an ulp away
+        from prepare()'s default ``last t_now + step`` in some steps, 35% of bench streaming's), provided
+        the spikes are the same: none between the two window starts, and none of the prepared ones
+        after ``t_now``. The prepared spikes were then rotated by ``float32(t - t_next + window)``
+        instead of ``float32(t - t_now + window)``, which differ only where a few-ulp shift crosses
+        a float32 rounding boundary (~1e-8 of spikes at a clock near 10 s), by one float32 ulp: the
+        size of the rounding the relative times carry anyway.
+        """
+        t_next, n_done = prepared[0], prepared[1]
+        if t_next == t_now:
+            return True
+        if abs(t_next - t_now) > PREPARED_ULPS * math.ulp(t_now):
+            return False
+        # Slots [lo, hi) hold this step's spikes (times sorted); slot lo - 1 an earlier spike, or a
+        # scratch zero (then at worst the step runs in full). prepare() took the first spike >= t0p.
+        t0, t0p, times = t_now - self.window, t_next - self.window, self._times
+        if t0p < t0 and lo > 0 and float(times[lo - 1]) >= t0p:
+            return False  # prepared a spike in [t0p, t0), before this window
+        if t0p > t0 and lo < hi and float(times[lo]) < t0p:
+            return False  # this window starts with a spike in [t0, t0p) that prepare() skipped
+        return n_done == 0 or float(times[lo + n_done - 1]) <= t_now  # none prepared after t_now
 
     @torch.inference_mode()
     def step(self, t_now: float, output_timestamps: Sequence[float] | np.ndarray | None = None) -> StreamingOutput:
@@ -487,7 +518,7 @@ class PoyoStreamingDecoder:
         N = hi - lo
         prepared, self._prepared = self._prepared, None
         H = self.H_x
-        if prepared is not None and prepared[0] == t_now:
+        if prepared is not None and self._prepared_fits(prepared, t_now, lo, hi):
             # prepare(t_now) already attended over the spikes pushed before it: only the newer
             # ones are rotated and attended here, and the two softmax partials merged.
             _, n_done, *partial = prepared

@@ -183,19 +183,14 @@ def test_bad_input_is_refused_with_a_message(mp_like):
     np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
 
 
-def test_prepared_steps_equal_offline_and_attend_only_new_spikes(mp_like, rng):
-    """prepare() in the slack, then chunks pushed (random sizes, some running ahead of t_now,
-    the buffer growing and compacting from a tiny start), then step: equal to offline, and the
-    step itself attends only over the spikes pushed after prepare()."""
-    model, processor, units = mp_like
-    times, ids = poisson(units, 4.0, 25.0, rng)
-    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.02, outputs_per_step=2, initial_capacity=8)
-    attended = []  # (during step?, spikes attended) per call
-    in_step = [False]
+def _record_attends(decoder) -> list[tuple[bool, int]]:
+    """(inside step()?, spikes attended) for every _attend_spikes call of ``decoder`` from now on.
+    A step that used prepare()'s work makes one call; a step run in full makes none."""
+    calls, in_step = [], [False]
     inner_attend, inner_step = decoder._attend_spikes, decoder.step
 
     def attend(lo, hi, t0, partial):
-        attended.append((in_step[0], hi - lo))
+        calls.append((in_step[0], hi - lo))
         return inner_attend(lo, hi, t0, partial)
 
     def step(*a, **k):
@@ -206,6 +201,17 @@ def test_prepared_steps_equal_offline_and_attend_only_new_spikes(mp_like, rng):
             in_step[0] = False
 
     decoder._attend_spikes, decoder.step = attend, step
+    return calls
+
+
+def test_prepared_steps_equal_offline_and_attend_only_new_spikes(mp_like, rng):
+    """prepare() in the slack, then chunks pushed (random sizes, some running ahead of t_now,
+    the buffer growing and compacting from a tiny start), then step: equal to offline, and the
+    step itself attends only over the spikes pushed after prepare()."""
+    model, processor, units = mp_like
+    times, ids = poisson(units, 4.0, 25.0, rng)
+    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.02, outputs_per_step=2, initial_capacity=8)
+    attended = _record_attends(decoder)
     steps = 1.0 + 0.02 * np.arange(1, 60)
     stream_and_compare(model, processor, "s", times, ids, steps, rng, decoder, prepare=True)
     at_step = [n for during, n in attended if during]
@@ -238,6 +244,61 @@ def test_prepare_for_another_time_is_ignored(mp_like, rng):
         decoder.prepare(1.5)
     with pytest.raises(ValueError, match="t_next"):
         decoder.prepare(float("nan"))
+
+
+
+def test_default_prepare_survives_clock_rounding(mp_like, rng):
+    """A loop stepping at t = 1 + 0.02 k and calling prepare() without t_next: prepare's
+    ``last t_now + step`` misses t by an ulp in some steps (4 of these 48; 35% of bench streaming's
+    410 steps up to 9.2 s), and the prepared work still serves every step, equal to offline."""
+    model, processor, units = mp_like
+    times, ids = poisson(units, 3.0, 25.0, rng)
+    decoder = PoyoStreamingDecoder(model, processor, "s", step=0.02)
+    calls = _record_attends(decoder)
+    steps = 1.0 + 0.02 * np.arange(1, 50)
+    assert np.sum(steps[:-1] + 0.02 != steps[1:]) >= 3  # the rounding this is about
+    pushed = 0
+    for k, t_now in enumerate(steps):
+        j = int(np.searchsorted(times, t_now, side="right"))
+        decoder.push(times[pushed:j], ids[pushed:j])
+        pushed = j
+        out = decoder.step(t_now)
+        assert sum(during for during, _ in calls) == k  # every step after the first used prepare()'s work
+        ref, n = offline(model, processor, "s", times[:j], ids[:j], t_now, out.timestamps)
+        assert out.num_spikes == n
+        np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
+        decoder.prepare()
+
+
+@pytest.mark.parametrize("direction", [-1, 1])
+def test_prepared_work_is_not_used_when_a_spike_sits_between_rounded_window_starts(mp_like, rng, direction):
+    """prepare() for t_next one ulp before (after) t_now: a spike exactly at the prepared window's
+    start (at this window's start) belongs to one window only, so the step runs in full, equal to
+    offline; without that spike the prepared work is used."""
+    model, processor, units = mp_like
+    base_times, base_ids = poisson(units, 2.0, 25.0, rng)
+    t_now = 1.5
+    t_next = float(np.nextafter(t_now, t_now + direction))
+    edge = (t_next if direction < 0 else t_now) - 1.0  # in [t_next - 1, ...) xor [t_now - 1, ...)
+    for with_edge_spike in (True, False):
+        keep = np.abs(base_times - edge) > 1e-3
+        times, ids = base_times[keep], base_ids[keep]
+        if with_edge_spike:
+            at = int(np.searchsorted(times, edge))
+            times, ids = np.insert(times, at, edge), np.insert(ids, at, units[0])
+        decoder = PoyoStreamingDecoder(model, processor, "s", step=0.05)
+        calls = _record_attends(decoder)
+        first = int(np.searchsorted(times, 1.45, side="right"))
+        decoder.push(times[:first], ids[:first])
+        decoder.step(1.45)
+        decoder.prepare(t_next)
+        j = int(np.searchsorted(times, t_now, side="right"))
+        decoder.push(times[first:j], ids[first:j])
+        out = decoder.step(t_now)
+        assert (not any(during for during, _ in calls)) is with_edge_spike  # in full iff the spike sets differ
+        ref, n = offline(model, processor, "s", times[:j], ids[:j], t_now, out.timestamps)
+        assert out.num_spikes == n
+        np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
 
 
 def test_packed_latent_products_equal_offline(rng, monkeypatch):
