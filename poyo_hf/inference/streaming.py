@@ -452,8 +452,8 @@ class PoyoStreamingDecoder:
         (rotation, scores, softmax partial sums) is computed now; :meth:`step` at ``t_next`` (or
         within ``PREPARED_ULPS`` float64 ulps of it, as a clock computed ``start + k * step`` lands
         against the default, with the same spikes in the window) then only adds the spikes pushed
-        since, and otherwise ignores this work and runs in full. The result equals the unprepared step to float32 rounding (the softmax is
-        summed in two parts). Call it right after :meth:`step` returns: it moves ~1/4 of the
+        since, and otherwise ignores this work and runs in full. The result equals the unprepared
+        step to float32 rounding (the softmax is summed in two parts). Call it right after :meth:`step` returns: it moves ~1/4 of the
         per-step compute (poyo-mp, 100 units) off the path from a chunk's arrival to its decode.
         """
         t_next = self._last_now + self.step_size if t_next is None else float(t_next)
@@ -474,9 +474,9 @@ class PoyoStreamingDecoder:
         from prepare()'s default ``last t_now + step`` in some steps, 35% of bench streaming's), provided
         the spikes are the same: none between the two window starts, and none of the prepared ones
         after ``t_now``. The prepared spikes were then rotated by ``float32(t - t_next + window)``
-        instead of ``float32(t - t_now + window)``, which differ only where a few-ulp shift crosses
-        a float32 rounding boundary (~1e-8 of spikes at a clock near 10 s), by one float32 ulp: the
-        size of the rounding the relative times carry anyway.
+        instead of ``float32(t - t_now + window)``, which differ only where the shift crosses a
+        float32 rounding boundary (a fraction ~shift / 6e-8 of the spikes: ~3e-8 for one ulp at a
+        clock near 10 s), by one float32 ulp: the size of the rounding the relative times carry anyway.
         """
         t_next, n_done = prepared[0], prepared[1]
         if t_next == t_now:
