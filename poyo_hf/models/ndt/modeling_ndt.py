@@ -291,7 +291,8 @@ class NdtAttention(nn.Module):
             and q.device.type == "cpu"
             and q.dtype == torch.float32
         ):  # every query row has a key (a padding bin attends to itself), as the kernel requires
-            return self.o_proj(_cpu_dropout_attention(q, k, v, attention_mask, self.scaling, self.dropout).reshape(B, T, D))
+            out = _cpu_dropout_attention(q, k, v, attention_mask, self.scaling, self.dropout)  # (B, T, H, Dh)
+            return self.o_proj(out.reshape(B, T, D))
         attention_interface = eager_attention_forward
         if attn_implementation != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager_attention_forward)

@@ -264,8 +264,9 @@ def cpu_dropout_attention(
     """Attention with dropout on the weights for CPU float32 training (see the section comment).
 
     query (B, H, Nq, Dh), key/value (B, H, Nk, Dh), key_mask bool broadcastable to (B, H, Nq, Nk)
-    (POYO: (B, 1, 1, Nk); NDT: (B|1, 1, Nq, Nk)), True = attend, every query row with at least one key. Returns (B, Nq, H, Dh) like the transformers interface;
-    ``dropout`` in [0, 1) (checked by :func:`seeded_dropout`).
+    (POYO: (B, 1, 1, Nk); NDT: (B|1, 1, Nq, Nk)), True = attend, every query row with at least one
+    key. Returns (B, Nq, H, Dh) like the transformers interface; ``dropout`` in [0, 1) (checked by
+    :func:`seeded_dropout`).
     """
     return _CpuDropoutAttention.apply(query, key, value, key_mask, scaling, dropout).transpose(1, 2)
 
