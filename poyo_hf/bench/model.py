@@ -217,17 +217,26 @@ def run(
         ref.to(dev)
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
-    def timed(fn):
-        """fn under the device's autocast; on CUDA it returns only once the device is done."""
+    def synced(fn):
+        """fn; on CUDA it returns only once the device is done (timings are wall clock)."""
+        if dev.type != "cuda":
+            return fn
 
         def call():
-            with autocast:
-                out = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            out = fn()
+            torch.cuda.synchronize(dev)
             return out
 
         return call
+
+    def timed(fn):
+        """A forward under the device's autocast, synced."""
+
+        def call():
+            with autocast:
+                return fn()
+
+        return synced(call)
 
     def ref_inputs(b):
         B = b["input_unit_index"].shape[0]
@@ -268,11 +277,9 @@ def run(
             out = model(**batch)
         out.loss.backward()
         opt.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    train_fns = {"ours": train_step_ours}
+    train_fns = {"ours": synced(train_step_ours)}
     infer_fns = {"ours": timed(lambda: model(**one)), "floor": timed(matmul_floor(model.config, one, device=dev))}
     if ref is not None:
         ref_batch, ref_one = ref_inputs(batch), ref_inputs(one)
@@ -287,10 +294,8 @@ def run(
                 loss = _weighted_mse(pred.float(), torch.nan_to_num(labels), mask)
             loss.backward()
             ropt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
 
-        train_fns["ref"] = train_step_ref
+        train_fns["ref"] = synced(train_step_ref)
         infer_fns["ref"] = timed(lambda: ref(**ref_one))
 
     # Both implementations are timed call by call in alternation (time_interleaved): measured
