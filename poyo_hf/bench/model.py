@@ -122,14 +122,16 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2, device: torch.devic
     """A function that runs only the matrix products and attention kernels of one batch-1 POYO
     forward on ``inputs`` (one window from the processor), with the same shapes and the same
     kernels (the model's own layer class for the projections, so ``mm`` / ``addmm`` or oneDNN with a
-    packed weight as in the forward, and SDPA), on random operands: what the forward costs if
+    packed weight as in the forward; the forward's attention kernel, ``cpu_kernels.attention`` where
+    it applies, else SDPA), on random operands: what the forward costs if
     every norm, rotation, GEGLU, gather and Python line were free. Its time, beside both
     implementations', bounds the latency any implementation built on these kernels can reach
     (float32). Counted: the window's real tokens, its distinct (unit, token type) rows (the
     encoder projects each once) and its real output queries."""
     import torch.nn.functional as F
 
-    from ..models.poyo.cpu_kernels import PoyoLinear
+    from ..models.poyo import modeling_poyo
+    from ..models.poyo.cpu_kernels import PoyoLinear, attention_supported
 
     c = config
     n_tokens = int(inputs["input_mask"].sum())
@@ -160,21 +162,27 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2, device: torch.devic
         lin["fc1"](x)
         lin["fc2"](h)
 
+    def attend(q, kv):  # the forward's attention kernel: the fused CPU one where it applies, else SDPA
+        if attention_supported(q, kv, kv):
+            modeling_poyo.cpu_attention(q, kv, kv)
+        else:
+            F.scaled_dot_product_attention(q, kv, kv)
+
     @torch.no_grad()
     def run():
         lin["q"](lat)  # encoder: latent queries, K/V of the distinct rows, attention, output
         lin["kv"](rows)
-        F.scaled_dot_product_attention(enc_q, enc_kv, enc_kv)
+        attend(enc_q, enc_kv)
         lin["o"](a_x)
         ffn(lat, h_lat)
         for _ in range(c.num_hidden_layers):
             lin["qkv"](lat)
-            F.scaled_dot_product_attention(lat_s, lat_s, lat_s)
+            attend(lat_s, lat_s)
             lin["o_s"](a_s)
             ffn(lat, h_lat)
         lin["q"](outs)  # decoder
         lin["kv"](lat)
-        F.scaled_dot_product_attention(dec_q, dec_kv, dec_kv)
+        attend(dec_q, dec_kv)
         lin["o"](a_d)
         ffn(outs, h_out)
         lin["head"](outs)

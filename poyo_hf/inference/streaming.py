@@ -90,7 +90,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.poyo.cpu_kernels import pack_weight, packed_linear, use_onednn
+from ..models.poyo.cpu_kernels import _attention as cpu_attention
+from ..models.poyo.cpu_kernels import attention_supported, pack_weight, packed_linear, use_onednn
 from ..models.poyo.modeling_poyo import PoyoForDecoding, rotary_frequencies
 from ..models.poyo.processing_poyo import TOKEN_END, TOKEN_SPIKE, TOKEN_START, PoyoProcessor
 
@@ -126,16 +127,17 @@ def _rotate_(x: torch.Tensor, phase: torch.Tensor) -> None:
     pairs.mul_(phase)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) v for (H, Nq, Dh), (H, Nk, Dh) x 2 -> (H, Nq, Dh); ``q`` comes pre-scaled.
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool) -> torch.Tensor:
+    """softmax(q k^T) v for (H, Nq, Dh), (H, Nk, Dh) x 2 -> (Nq, H, Dh); ``q`` comes pre-scaled.
 
-    Explicit bmm + softmax instead of SDPA for the small attentions (latent self-attention: batch
-    1, 8 heads x 128 x 128; the decoder's few queries): there PyTorch's fused CPU kernel was
-    slower (fp32, 2 threads, one layer interleaved A/B: 0.63 vs 0.72 ms p50). Over the encoder's
-    ~2300 spike keys the fused kernel wins (1.5 vs 2.8 ms) and is kept. The result is the same
-    softmax to float32 rounding (~1e-7)."""
+    With ``fused`` (the decoder checked :func:`~poyo_hf.models.poyo.cpu_kernels.attention_supported`
+    once), the fused CPU kernel; otherwise explicit bmm + softmax, which beat SDPA at the latent
+    self-attention's shape (batch 1, 8 heads x 128 x 128; fp32, 2 threads: 0.63 vs 0.72 ms p50 per
+    layer). The result is the same softmax to float32 rounding (~1e-7)."""
+    if fused:
+        return cpu_attention(q[None], k[None], v[None], scale=1.0)[0]
     scores = torch.bmm(q, k.transpose(1, 2))  # (H, Nq, Nk)
-    return torch.bmm(torch.softmax(scores, dim=-1), v)
+    return torch.bmm(torch.softmax(scores, dim=-1), v).transpose(0, 1)
 
 
 class PoyoStreamingDecoder:
@@ -309,6 +311,12 @@ class PoyoStreamingDecoder:
             if use_onednn(torch.empty(n_lat, w.shape[1], device=dev), w):
                 self._packed[id(w)] = pack_weight(w, n_lat)
 
+        # The fused CPU attention kernel (cpu_kernels.attention) where it applies: float32 CPU,
+        # a supported head dim, the kernels built. Checked once, on operands of this decoder's shape.
+        probe = torch.empty(1, 1, 1, self.Dh, device=dev)
+        with torch.inference_mode():
+            self._fused = attention_supported(probe, probe, probe)
+
         # Readout head and target statistics (physical units).
         self._head = f"readouts.{self.readout}."
         d = c.readout_dims[self.readout]
@@ -435,6 +443,12 @@ class PoyoStreamingDecoder:
         self._rotate_spikes(lo, hi, t0)
         H = self.H_x
         k, v = self._kv[:H, lo:hi], self._kv[H:, lo:hi]  # (H, n, Dh) each
+        if self._fused:  # the kernel's normalised output and log-sum-exp are the partial (lse, 1, out)
+            out, lse = cpu_attention(self._enc_q[None], k[None], v[None], scale=1.0, return_lse=True)
+            m_part, p_sum, p_acc = lse[0, :, :, None], 1.0, out[0].transpose(0, 1)  # (H, N_lat, 1), (H, N_lat, Dh)
+            m_new = torch.maximum(m, m_part)
+            decay, decay_part = torch.exp(m - m_new), torch.exp(m_part - m_new)  # (H, N_lat, 1) each
+            return m_new, denom * decay + decay_part * p_sum, acc * decay + p_acc * decay_part
         s = torch.bmm(self._enc_q, k.transpose(1, 2))  # (H, N_lat, n)
         m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
         p = torch.exp(s - m_new)  # (H, N_lat, n)
@@ -523,7 +537,7 @@ class PoyoStreamingDecoder:
             # ones are rotated and attended here, and the two softmax partials merged.
             _, n_done, *partial = prepared
             _, denom, acc = self._attend_spikes(lo + n_done, hi, t0, tuple(partial))
-            a = acc / denom  # (H, N_lat, Dh)
+            a = (acc / denom).transpose(0, 1)  # (N_lat, H, Dh)
         else:
             self._rotate_spikes(lo, hi, t0)
             U2 = self._edge_kv.shape[1]
@@ -531,12 +545,14 @@ class PoyoStreamingDecoder:
             kv[:, lo - U2 : lo] = self._edge_kv  # start/end tokens just in front (slots of evicted spikes)
             k = kv[:H, lo - U2 : hi]  # (H, 2U + N, Dh)
             v = kv[H:, lo - U2 : hi]  # (H, 2U + N, Dh)
-            # SDPA here, not _attend: over ~2300 strided spike keys the fused kernel is ~2x faster.
-            a = F.scaled_dot_product_attention(self._enc_q[None], k[None], v[None], scale=1.0)[0]  # (H, N_lat, Dh)
+            if self._fused:
+                a = cpu_attention(self._enc_q[None], k[None], v[None], scale=1.0)[0]  # (N_lat, H, Dh)
+            else:  # SDPA, not bmm: over ~2300 strided spike keys torch's fused kernel is ~2x faster
+                a = F.scaled_dot_product_attention(self._enc_q[None], k[None], v[None], scale=1.0)[0].transpose(0, 1)
 
         enc = "poyo.encoder."
-        _rotate_(a, self._lat_phase.conj())  # rotate back by -t_lat
-        a = a.transpose(0, 1).flatten(1)  # (N_lat, H*Dh)
+        _rotate_(a, self._lat_phase.conj()[:, None, :])  # rotate back by -t_lat
+        a = a.flatten(1)  # (N_lat, H*Dh)
         x = self._latents0 + self._linear(
             a, self._w[enc + "cross_attn.o_proj.weight"], self._w[enc + "cross_attn.o_proj.bias"]
         )
@@ -557,8 +573,7 @@ class PoyoStreamingDecoder:
         lk, lv = lkv.split(H, dim=1)  # (N_lat, H, Dh) each
         lk = lk.contiguous()
         _rotate_(lk, self._lat_phase[:, None, :])
-        o = _attend(q.transpose(0, 1), lk.transpose(0, 1), lv.transpose(0, 1))  # (H, n_out, Dh)
-        o = o.transpose(0, 1).flatten(1)  # (n_out, H*Dh)
+        o = _attend(q.transpose(0, 1), lk.transpose(0, 1), lv.transpose(0, 1), self._fused).flatten(1)  # (n_out, H*Dh)
         y = self._dec_query + F.linear(
             o, self._w[dec + "cross_attn.o_proj.weight"], self._w[dec + "cross_attn.o_proj.bias"]
         )
@@ -579,9 +594,9 @@ class PoyoStreamingDecoder:
         )  # (N_lat, 3H, Dh)
         _rotate_(qkv, self._lat_phase[:, None, :])  # Q, K and V rotated by the latent times
         q, k, v = qkv.transpose(0, 1).split(H, dim=0)  # (H, N_lat, Dh) each
-        o = _attend(q, k, v)  # (H, N_lat, Dh)
-        _rotate_(o, self._lat_phase.conj())  # rotate back by -t_lat
-        o = o.transpose(0, 1).flatten(1)  # (N_lat, H*Dh)
+        o = _attend(q, k, v, self._fused)  # (N_lat, H, Dh)
+        _rotate_(o, self._lat_phase.conj()[:, None, :])  # rotate back by -t_lat
+        o = o.flatten(1)  # (N_lat, H*Dh)
         x = x + self._linear(o, self._w[a + "o_proj.weight"], self._w[a + "o_proj.bias"])
         return x + self._ffn(x, p + "ffn.")
 

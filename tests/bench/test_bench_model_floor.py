@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from poyo_hf.bench.model import _ours, benchmark_batch, matmul_floor
-from poyo_hf.models.poyo.cpu_kernels import onednn_linear_enabled
+from poyo_hf.models.poyo import modeling_poyo as mp
+from poyo_hf.models.poyo.cpu_kernels import kernels, onednn_linear_enabled
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -21,17 +23,37 @@ def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> i
     return 2 * math.prod(x_shape) * w_shape[0]
 
 
-def _flops(fn) -> dict[str, int]:
+def _flops(fn, monkeypatch) -> dict[str, int]:
+    """FLOPs per kernel of ``fn()``; the fused CPU attention (a compiled extension call, which
+    FlopCounterMode cannot see) is counted where the model and the floor call it."""
     mapping = {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
         torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops,
     }
+    fused = []
+    real = mp.cpu_attention
+
+    def counted(q, k, v, *args, **kwargs):
+        B, H, Nq, Dh = q.shape
+        fused.append(4 * B * H * Nq * k.shape[2] * Dh)
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(mp, "cpu_attention", counted)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
-    return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    if fused:
+        flops["cpu_attention"] = sum(fused)
+    return flops
 
 
-def test_floor_runs_the_same_matrix_products_and_attention_as_a_batch1_forward():
+@pytest.mark.parametrize("attention", ["fused", "sdpa"])
+def test_floor_runs_the_same_matrix_products_and_attention_as_a_batch1_forward(monkeypatch, attention):
+    """On both attention kernels: the fused CPU one (where it is built) and SDPA (``POYO_HF_CPU_KERNELS=0``)."""
+    if attention == "sdpa":
+        monkeypatch.setenv("POYO_HF_CPU_KERNELS", "0")
+    elif kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here (no C++ compiler): the forward uses SDPA")
     # 96 outputs and a window whose tokens fill the padding exactly: no padded work in the forward.
     windows = benchmark_batch(n_windows=1, n_outputs=96)
     model, proc = _ours("poyo-mp", windows)
@@ -39,18 +61,19 @@ def test_floor_runs_the_same_matrix_products_and_attention_as_a_batch1_forward()
     one = {k: v for k, v in proc(windows).items() if k not in ("labels", "output_weights")}
     assert bool(one["input_mask"].all()) and bool(one["output_mask"].all())
     n_tokens = one["input_mask"].shape[1]
-    forward = _flops(lambda: model(**one))
-    floor = _flops(matmul_floor(model.config, one))
+    forward = _flops(lambda: model(**one), monkeypatch)
+    floor = _flops(matmul_floor(model.config, one), monkeypatch)
     assert forward == floor
-    products = {"aten.mm", "aten.addmm", "aten._scaled_dot_product_flash_attention_for_cpu"}
+    attention_kernel = "cpu_attention" if attention == "fused" else "aten._scaled_dot_product_flash_attention_for_cpu"
+    products = {"aten.mm", "aten.addmm", attention_kernel}
     if onednn_linear_enabled():  # the larger projections (QKV, FFN, ...) go through oneDNN instead
         products |= {"mkldnn._linear_pointwise"}
     assert set(floor) == products
-    # The SDPA count: encoder (latents x tokens), layers (latents x latents), decoder (outputs x latents).
+    # The attention count: encoder (latents x tokens), layers (latents x latents), decoder (outputs x latents).
     c = model.config
-    expected_sdpa = 4 * c.head_dim * (
+    expected_attention = 4 * c.head_dim * (
         c.num_cross_attention_heads * c.num_latents * n_tokens
         + c.num_hidden_layers * c.num_self_attention_heads * c.num_latents**2
         + c.num_cross_attention_heads * 96 * c.num_latents
     )
-    assert floor["aten._scaled_dot_product_flash_attention_for_cpu"] == expected_sdpa
+    assert floor[attention_kernel] == expected_attention

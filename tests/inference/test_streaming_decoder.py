@@ -323,3 +323,26 @@ def test_packed_latent_products_equal_offline(rng, monkeypatch):
     stream_and_compare(model, processor, "s", times, ids, 1.0 + 0.05 * np.arange(1, 12), rng, decoder, prepare=True)
     monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
     assert PoyoStreamingDecoder(model, processor, "s")._packed == {}
+
+
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_attention_paths_equal_offline(mp_like, rng, monkeypatch, kernels):
+    """The decoder attends with the fused CPU kernel (cpu_kernels.attention, also serving
+    prepare()'s partial sums through its log-sum-exp) where it is built, and with bmm / SDPA
+    otherwise (``POYO_HF_CPU_KERNELS=0``, which the offline reference then follows too): both,
+    with and without prepare(), stay equal to the offline path."""
+    import shutil
+
+    from poyo_hf.models.poyo import cpu_kernels
+
+    if kernels == "torch":
+        monkeypatch.setenv("POYO_HF_CPU_KERNELS", "0")
+    elif shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: only the torch path can run")
+    model, processor, units = mp_like
+    times, ids = poisson(units, 3.0, 20.0, rng)
+    steps = 1.0 + 0.03 * np.arange(1, 30)
+    for prepare in (False, True):
+        decoder = PoyoStreamingDecoder(model, processor, "s", step=0.03, outputs_per_step=2)
+        assert decoder._fused == (kernels == "fused") == (cpu_kernels.kernels() is not None)
+        stream_and_compare(model, processor, "s", times, ids, steps, rng, decoder, prepare=prepare)
