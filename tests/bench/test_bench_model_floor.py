@@ -35,7 +35,8 @@ def _flops(fn, monkeypatch) -> dict[str, int]:
 
     def counted(q, k, v, *args, **kwargs):
         B, H, Nq, Dh = q.shape
-        fused.append(4 * B * H * Nq * k.shape[2] * Dh)
+        index = args[6] if len(args) > 6 else kwargs.get("kv_index")  # keys gathered from a table
+        fused.append(4 * B * H * Nq * (k.shape[2] if index is None else index.shape[1]) * Dh)
         return real(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(mp, "cpu_attention", counted)

@@ -200,37 +200,88 @@ POYO_CLONES float exp_sum(float* s, int64_t n, float m) {
   return sum;
 }
 
+// Rotary phases: unit complex numbers (cos, sin), P pairs per token, rows sn floats apart and
+// windows sb apart. The first P interleaved pairs (x[2p], x[2p+1]) of a head are multiplied by
+// them as complex numbers, (a + ib)(c + id) = (ac - bd) + i(ad + bc) (conj: (ac + bd) + i(bc - ad));
+// the other dims pass through, as modeling_poyo.apply_rotary does.
+struct Phase {
+  const float* p = nullptr;
+  int64_t sb = 0, sn = 0, P = 0;
+  const float* row(int64_t b, int64_t n) const { return p + b * sb + n * sn; }
+};
+
+inline void rotate_row(const float* src, float* dst, const float* ph, int64_t P, int DH) {
+  for (int64_t i = 0; i < P; ++i) {
+    const float a = src[2 * i], b = src[2 * i + 1], c = ph[2 * i], d = ph[2 * i + 1];
+    dst[2 * i] = a * c - b * d;
+    dst[2 * i + 1] = a * d + b * c;
+  }
+  if (dst != src) std::memcpy(dst + 2 * P, src + 2 * P, (DH - 2 * P) * sizeof(float));
+}
+
+inline void unrotate_row_(float* x, const float* ph, int64_t P) {
+  for (int64_t i = 0; i < P; ++i) {
+    const float a = x[2 * i], b = x[2 * i + 1], c = ph[2 * i], d = ph[2 * i + 1];
+    x[2 * i] = a * c + b * d;
+    x[2 * i + 1] = b * c - a * d;
+  }
+}
+
+// Key/value rows: row j of window b, head h is base + b * sb + h * sh + r * sr with r = index[b, j]
+// when an index is given (K/V computed once per distinct token, gathered here), else r = j.
+struct Rows {
+  const float* p;
+  int64_t sb, sh, sr;
+  const int64_t* index;
+  int64_t Nk;
+  const float* row(int64_t b, int64_t h, int64_t j) const {
+    const int64_t r = index ? index[b * Nk + j] : j;
+    return p + (index ? 0 : b * sb) + h * sh + r * sr;
+  }
+};
+
 template <int DH, int PR>
-void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const float* bias,
-                    float scale, torch::Tensor& out, float* lse) {
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2);
+void attention_impl(const torch::Tensor& q, const Rows& K, const Rows& V, int64_t Nk, const float* bias, float scale,
+                    const Phase& qph, const Phase& kph, bool rotate_value, torch::Tensor& out, float* lse) {
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2);
   const int64_t Nkp = (Nk + kNC - 1) / kNC * kNC;
   const int64_t ld = Nkp + 16;  // scratch row stride, off multiples of 4 KiB
+  // K^T per (window, head), zero-padded to whole tiles, keys rotated on the way; V gathered and
+  // rotated into a contiguous copy only where it needs either.
+  const bool v_copy = (rotate_value && kph.p) || V.index;
   auto kt = torch::empty({B * H, DH, ld}, q.options());
+  auto vc = v_copy ? torch::empty({B * H, Nk, DH}, q.options()) : torch::empty({0}, q.options());
   float* ktp = kt.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const int64_t ksb = k.stride(0), ksh = k.stride(1), ksr = k.stride(2);
+  float* vcp = v_copy ? vc.data_ptr<float>() : nullptr;
   const int64_t nkb = Nkp / kNC;
   at::parallel_for(0, B * H * nkb, 8, [&](int64_t t0, int64_t t1) {
+    float tmp[DH];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nkb, j0 = (t % nkb) * kNC, b = bh / H, h = bh % H;
       float* dst = ktp + bh * DH * ld + j0;
       for (int c = 0; c < kNC; ++c) {
         const int64_t j = j0 + c;
         if (j < Nk) {
-          const float* src = kp + b * ksb + h * ksh + j * ksr;
+          const float* src = K.row(b, h, j);
+          if (kph.p) {
+            rotate_row(src, tmp, kph.row(b, j), kph.P, DH);
+            src = tmp;
+          }
           for (int d = 0; d < DH; ++d) dst[d * ld + c] = src[d];
+          if (v_copy) {
+            float* vd = vcp + (bh * Nk + j) * DH;
+            if (rotate_value && kph.p) rotate_row(V.row(b, h, j), vd, kph.row(b, j), kph.P, DH);
+            else std::memcpy(vd, V.row(b, h, j), DH * sizeof(float));
+          }
         } else {
           for (int d = 0; d < DH; ++d) dst[d * ld + c] = 0.f;
         }
       }
     }
   });
-  const float* qp = q.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
   const int64_t qsb = q.stride(0), qsh = q.stride(1), qsr = q.stride(2);
-  const int64_t vsb = v.stride(0), vsh = v.stride(1), vsr = v.stride(2);
   const int64_t osb = out.stride(0), osr = out.stride(1), osh = out.stride(2);  // out (B, Nq, H, DH)
   const int64_t nqb = (Nq + kQB - 1) / kQB;
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
@@ -244,8 +295,10 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
       const float* kth = ktp + bh * DH * ld;
       for (int64_t r0 = 0; r0 < nr; r0 += kMR) {
         for (int64_t r = 0; r < kMR; ++r) {
-          if (r0 + r < nr) std::memcpy(qt + r * DH, qp + b * qsb + h * qsh + (i0 + r0 + r) * qsr, DH * sizeof(float));
-          else std::memset(qt + r * DH, 0, DH * sizeof(float));
+          const int64_t i = i0 + r0 + r;
+          if (r0 + r >= nr) std::memset(qt + r * DH, 0, DH * sizeof(float));
+          else if (qph.p) rotate_row(qp + b * qsb + h * qsh + i * qsr, qt + r * DH, qph.row(b, i), qph.P, DH);
+          else std::memcpy(qt + r * DH, qp + b * qsb + h * qsh + i * qsr, DH * sizeof(float));
         }
         for (int64_t j0 = 0; j0 < Nkp; j0 += kNC) score_tile<DH>(qt, kth + j0, ld, S.get() + r0 * ld + j0, ld, scale);
       }
@@ -264,7 +317,8 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
           if (l) *l = m + std::log(sum);
         }
       }
-      const float* vh = vp + b * vsb + h * vsh;
+      const float* vh = v_copy ? vcp + bh * Nk * DH : V.row(b, h, 0);
+      const int64_t vsr = v_copy ? DH : V.sr;
       float* oh = op + b * osb + h * osh;
       for (int64_t r0 = 0; r0 < nr; r0 += PR) {
         const int64_t rows = std::min<int64_t>(PR, nr - r0);
@@ -275,6 +329,8 @@ void attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch:
           for (int64_t r = 0; r < rows; ++r) std::memcpy(oh + (i0 + r0 + r) * osr, otmp + r * DH, DH * sizeof(float));
         }
       }
+      if (rotate_value && qph.p)  // values carried t_k: rotate the output back by -t_q
+        for (int64_t r = 0; r < nr; ++r) unrotate_row_(oh + (i0 + r) * osr, qph.row(b, i0 + r), qph.P);
     }
   });
 }
@@ -308,24 +364,59 @@ torch::Tensor softmax_dropout_grad_(torch::Tensor grad, torch::Tensor kept, torc
   return grad;
 }
 
-// q (B, H, Nq, Dh), k and v (B, H, Nk, Dh), float32 CPU, unit stride on the last dim (any other
-// strides); key_bias (B, Nk) float 0 / -inf, or an empty tensor for none. Returns out
-// (B, Nq, H, Dh) and, when want_lse, lse (B, H, Nq) = log sum_j exp(score_j) (-inf: no key).
+// q (B, H, Nq, Dh); k and v (B, H, Nk, Dh), or with kv_index (B, Nk) int64 tables (1, H, M, Dh)
+// whose row kv_index[b, j] is key j of window b; float32 CPU, unit stride on the last dim (any
+// other strides). key_bias (B, Nk) float 0 / -inf; q_phase (B, Nq, P, 2) and k_phase (B, Nk, P, 2)
+// float (cos, sin) rotary phases, rows contiguous (any window / token strides); rotate_value also
+// rotates V by the key phase and the output back by the query phase. Empty tensors mean none.
+// Returns out (B, Nq, H, Dh) and, when want_lse, lse (B, H, Nq) = log sum_j exp(score_j) (-inf: no key).
+static Phase phase_of(const torch::Tensor& ph, int64_t B, int64_t N, int64_t Dh, const char* name) {
+  Phase r;
+  if (!ph.numel()) return r;
+  TORCH_CHECK(ph.scalar_type() == torch::kFloat && ph.dim() == 4 && ph.size(0) == B && ph.size(1) == N &&
+              ph.size(3) == 2 && 2 * ph.size(2) <= Dh && ph.stride(3) == 1 && ph.stride(2) == 2,
+              "attention_forward: ", name, " must be float (B, N, P, 2) with 2P <= Dh and contiguous pairs");
+  r.p = ph.data_ptr<float>();
+  r.sb = ph.stride(0);
+  r.sn = ph.stride(1);
+  r.P = ph.size(2);
+  return r;
+}
+
 std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor key_bias,
-                                             double scale, bool want_lse) {
+                                             double scale, bool want_lse, torch::Tensor q_phase, torch::Tensor k_phase,
+                                             bool rotate_value, torch::Tensor kv_index) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_forward: 4-d q, k, v expected");
   TORCH_CHECK(q.scalar_type() == torch::kFloat && k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat,
               "attention_forward: float32 expected");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_forward: unit last-dim stride expected");
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dh = q.size(3), Nk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && k.size(1) == H && v.size(1) == H && v.size(2) == Nk &&
-              k.size(3) == Dh && v.size(3) == Dh, "attention_forward: shapes differ");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dh = q.size(3);
+  const bool indexed = kv_index.dim() == 2;  // an empty 1-d tensor: no index
+  const int64_t Nk = indexed ? kv_index.size(1) : k.size(2);
+  TORCH_CHECK(k.size(1) == H && v.size(1) == H && v.size(2) == k.size(2) && k.size(3) == Dh && v.size(3) == Dh,
+              "attention_forward: shapes differ");
+  TORCH_CHECK(indexed ? (k.size(0) == 1 && v.size(0) == 1) : (k.size(0) == B && v.size(0) == B),
+              "attention_forward: k and v need B windows, or one table with kv_index");
+  const int64_t* index = nullptr;
+  if (indexed) {
+    TORCH_CHECK(kv_index.scalar_type() == torch::kLong && kv_index.is_contiguous() && kv_index.dim() == 2 &&
+                kv_index.size(0) == B, "attention_forward: kv_index (B, Nk) int64 expected");
+    index = kv_index.data_ptr<int64_t>();
+    if (kv_index.numel()) {
+      const auto mm = torch::aminmax(kv_index);
+      TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < k.size(2),
+                  "attention_forward: kv_index out of the table's rows");
+    }
+  }
   const float* bias = nullptr;
   if (key_bias.numel()) {
     TORCH_CHECK(key_bias.scalar_type() == torch::kFloat && key_bias.is_contiguous() && key_bias.dim() == 2 &&
                 key_bias.size(0) == B && key_bias.size(1) == Nk, "attention_forward: key_bias (B, Nk) float expected");
     bias = key_bias.data_ptr<float>();
   }
+  const Phase qph = phase_of(q_phase, B, Nq, Dh, "q_phase");
+  const Phase kph = phase_of(k_phase, B, Nk, Dh, "k_phase");
+  TORCH_CHECK(!rotate_value || (qph.p && kph.p), "attention_forward: rotate_value needs q_phase and k_phase");
   auto out = torch::empty({B, Nq, H, Dh}, q.options());
   auto lse = want_lse ? torch::empty({B, H, Nq}, q.options()) : torch::empty({0}, q.options());
   float* lp = want_lse ? lse.data_ptr<float>() : nullptr;
@@ -336,12 +427,14 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, t
     if (want_lse) lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
+  const Rows K{k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2), index, Nk};
+  const Rows V{v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2), index, Nk};
   switch (Dh) {
-    case 8: attention_impl<8, 8>(q, k, v, bias, sc, out, lp); break;
-    case 16: attention_impl<16, 8>(q, k, v, bias, sc, out, lp); break;
-    case 32: attention_impl<32, 8>(q, k, v, bias, sc, out, lp); break;
-    case 64: attention_impl<64, 6>(q, k, v, bias, sc, out, lp); break;
-    case 128: attention_impl<128, 3>(q, k, v, bias, sc, out, lp); break;
+    case 8: attention_impl<8, 8>(q, K, V, Nk, bias, sc, qph, kph, rotate_value, out, lp); break;
+    case 16: attention_impl<16, 8>(q, K, V, Nk, bias, sc, qph, kph, rotate_value, out, lp); break;
+    case 32: attention_impl<32, 8>(q, K, V, Nk, bias, sc, qph, kph, rotate_value, out, lp); break;
+    case 64: attention_impl<64, 6>(q, K, V, Nk, bias, sc, qph, kph, rotate_value, out, lp); break;
+    case 128: attention_impl<128, 3>(q, K, V, Nk, bias, sc, qph, kph, rotate_value, out, lp); break;
     default: TORCH_CHECK(false, "attention_forward: head dim 8, 16, 32, 64 or 128 expected, got ", Dh);
   }
   return {out, lse};
@@ -414,24 +507,37 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 # vs 2.7 ms. Forward only (no autograd): callers use it where no gradient is taken.
 
 
-def attention_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None = None) -> bool:
+def attention_supported(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    kv_index: torch.Tensor | None = None,
+) -> bool:
     """Whether :func:`attention` takes these operands: float32 CPU tensors that take no gradient
-    here, q (B, H, Nq, Dh) and k, v (B, H, Nk, Dh) with Dh in ``ATTENTION_HEAD_DIMS`` and unit
-    stride on the last dim, ``key_mask`` None or bool (B, Nk) / (B, 1, 1, Nk); not while
-    ``torch.compile`` traces; the kernels built."""
+    here, q (B, H, Nq, Dh) and k, v (B, H, Nk, Dh) - or, with ``kv_index`` (B, Nk) int64, tables
+    (1, H, M, Dh) - with Dh in ``ATTENTION_HEAD_DIMS`` and unit stride on the last dim;
+    ``key_mask`` None or bool (B, Nk) / (B, 1, 1, Nk); not while ``torch.compile`` traces; the
+    kernels built."""
     if not (query.dim() == key.dim() == value.dim() == 4):
         return False
     B, H, _, Dh = query.shape
+    if kv_index is None:
+        n_keys, kv_batch = key.shape[2], B
+    elif kv_index.dim() == 2 and kv_index.shape[0] == B and kv_index.dtype == torch.long and kv_index.device.type == "cpu":
+        n_keys, kv_batch = kv_index.shape[1], 1
+    else:
+        return False
     tensors = (query, key, value)
     return (
         Dh in ATTENTION_HEAD_DIMS
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
-        and key.shape[:2] == value.shape[:2] == (B, H)
+        and key.shape[:2] == value.shape[:2] == (kv_batch, H)
         and key.shape[2] == value.shape[2]
         and key.shape[3] == value.shape[3] == Dh
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and (key_mask is None or (key_mask.dtype == torch.bool and key_mask.numel() == B * key.shape[2]
-                                  and key_mask.shape[0] == B and key_mask.shape[-1] == key.shape[2]))
+        and (key_mask is None or (key_mask.dtype == torch.bool and key_mask.numel() == B * n_keys
+                                  and key_mask.shape[0] == B and key_mask.shape[-1] == n_keys))
         and not torch.compiler.is_compiling()
         and kernels() is not None
     )
@@ -444,35 +550,78 @@ def attention(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    query_phase: torch.Tensor | None = None,
+    key_phase: torch.Tensor | None = None,
+    rotate_value: bool = False,
+    kv_index: torch.Tensor | None = None,
 ):
     """``softmax(q k^T * scale) v`` over the keys ``key_mask`` keeps (True = attend), for inference
     on the CPU (operands as :func:`attention_supported` requires; ``scale`` defaults to Dh**-0.5).
 
+    POYO's rotary attention in the same pass, optionally: ``query_phase`` (B, Nq, P) and
+    ``key_phase`` (B, Nk, P) complex64 unit phases (:class:`~poyo_hf.models.poyo.modeling_poyo.PoyoRotaryTimeEmbedding`,
+    2P <= Dh) rotate the first P pairs of every query and key head as ``apply_rotary`` does;
+    ``rotate_value`` also rotates the values by the key phase and the output back by the query
+    phase. With ``kv_index`` (B, Nk) int64, ``key`` and ``value`` are tables (1, H, M, Dh) and key
+    j of window b is row ``kv_index[b, j]`` (POYO's encoder projects each distinct token once).
+
     Returns the output as (B, Nq, H, Dh), the transformers attention layout, and with
     ``return_lse`` also ``lse`` (B, H, Nq) = log(sum_j exp(score_j)) over the kept keys, for merging
     attentions over disjoint key sets (as flash attention does). A query row with no kept key
-    gives zeros (as SDPA does on torch 2.13) and lse -inf. Equal to ``F.scaled_dot_product_attention``
-    to float32 rounding (summation order; ``exp`` within ~2 ulp).
+    gives zeros (as SDPA does on torch 2.13) and lse -inf. Equal to rotating with ``apply_rotary``
+    and calling ``F.scaled_dot_product_attention`` to float32 rounding (summation order; ``exp``
+    within ~2 ulp).
     """
-    if not attention_supported(query, key, value, key_mask):
+    if not attention_supported(query, key, value, key_mask, kv_index):
         raise ValueError(
-            f"attention() takes float32 CPU q (B, H, Nq, Dh) and k, v (B, H, Nk, Dh) with Dh in {ATTENTION_HEAD_DIMS}, "
-            f"no gradient and a bool (B, Nk) key_mask, with the CPU kernels built; got q {tuple(query.shape)} "
-            f"{query.dtype}, k {tuple(key.shape)}, v {tuple(value.shape)}. Check attention_supported() first "
-            "and use F.scaled_dot_product_attention otherwise."
+            f"attention() takes float32 CPU q (B, H, Nq, Dh) and k, v (B, H, Nk, Dh) (or (1, H, M, Dh) tables "
+            f"with an int64 (B, Nk) kv_index) with Dh in {ATTENTION_HEAD_DIMS}, no gradient and a bool (B, Nk) "
+            f"key_mask, with the CPU kernels built; got q {tuple(query.shape)} {query.dtype}, k {tuple(key.shape)}, "
+            f"v {tuple(value.shape)}. Check attention_supported() first and use F.scaled_dot_product_attention otherwise."
         )
-    return _attention(query, key, value, key_mask, scale, return_lse)
+    B, _, Nq, Dh = query.shape
+    Nk = key.shape[2] if kv_index is None else kv_index.shape[1]
+    for name, phase, n in (("query_phase", query_phase, Nq), ("key_phase", key_phase, Nk)):
+        if phase is not None and (
+            phase.dtype != torch.complex64 or phase.dim() != 3 or phase.shape[:2] != (B, n) or 2 * phase.shape[2] > Dh
+        ):
+            raise ValueError(
+                f"{name} must be complex64 (B, N, P) = ({B}, {n}, P) with 2P <= {Dh}, got "
+                f"{tuple(phase.shape)} {phase.dtype}; make it with PoyoRotaryTimeEmbedding."
+            )
+    if rotate_value and (query_phase is None or key_phase is None):
+        raise ValueError("rotate_value=True needs both query_phase and key_phase.")
+    return _attention(query, key, value, key_mask, scale, return_lse, query_phase, key_phase, rotate_value, kv_index)
 
 
-def _attention(query, key, value, key_mask=None, scale=None, return_lse=False):
-    """:func:`attention` without the operand check, for callers that made it (or know its answer)."""
+_NONE = torch.empty(0)
+_NO_INDEX = torch.empty(0, dtype=torch.long)
+
+
+def _phase_pairs(phase: torch.Tensor | None) -> torch.Tensor:
+    """complex (B, N, P) -> float (B, N, P, 2) (cos, sin), the pairs contiguous; none -> empty."""
+    if phase is None:
+        return _NONE
+    if phase.stride(-1) != 1:
+        phase = phase.contiguous()
+    return torch.view_as_real(phase)
+
+
+def _attention(
+    query, key, value, key_mask=None, scale=None, return_lse=False, query_phase=None, key_phase=None,
+    rotate_value=False, kv_index=None,
+):
+    """:func:`attention` without the operand checks, for callers that made them (or know their answer)."""
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     if key_mask is None:
-        bias = query.new_empty(0)
+        bias = _NONE
     else:  # additive key bias, 0 (attend) or -inf (skip), one row per window
         B = key_mask.shape[0]
-        bias = torch.zeros(B, key.shape[2]).masked_fill_(~key_mask.reshape(B, -1), float("-inf"))
-    out, lse = kernels().attention_forward(query, key, value, bias, scale, return_lse)
+        bias = torch.zeros(B, key_mask.numel() // B).masked_fill_(~key_mask.reshape(B, -1), float("-inf"))
+    out, lse = kernels().attention_forward(
+        query, key, value, bias, scale, return_lse, _phase_pairs(query_phase), _phase_pairs(key_phase),
+        rotate_value, _NO_INDEX if kv_index is None else kv_index.contiguous(),
+    )
     return (out, lse) if return_lse else out
 
 
