@@ -200,3 +200,58 @@ def test_model_forward_with_gradients_does_not_use_the_kernel(monkeypatch):
     model.config._attn_implementation = "sdpa"
     out = model(**_batch(config)).predictions  # grad enabled, parameters require grad: SDPA
     assert out.requires_grad and not calls
+
+
+@pytest.mark.parametrize("B,H,Nq,M,Nk,Dh", [(2, 2, 37, 11, 90, 64), (1, 8, 128, 128, 128, 64), (3, 2, 5, 4, 33, 8)])
+@pytest.mark.parametrize("rotate_value", [False, True])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_rotations_and_gather_equal_apply_rotary_then_sdpa(B, H, Nq, M, Nk, Dh, rotate_value, gathered):
+    """POYO's rotary attention in one call: queries and keys rotated by their phases (values too,
+    and the output back, with rotate_value), keys and values gathered from a per-row table."""
+    emb = mp.PoyoRotaryTimeEmbedding(Dh, 1e-4, 2.0)
+    g = torch.Generator().manual_seed(3)
+    q_phase, k_phase = emb(torch.rand(B, Nq, generator=g)), emb(torch.rand(B, Nk, generator=g))  # (B, N, Dh/4)
+    q = torch.randn(B, Nq, H, Dh, generator=g)
+    table = torch.randn(M, 2 * H, Dh, generator=g)
+    index = torch.randint(0, M, (B, Nk), generator=g)
+    kv = table[index]  # (B, Nk, 2H, Dh)
+    mask = torch.rand(B, Nk, generator=g) > 0.2
+    mask[:, 0] = True
+
+    k_rot, v_rot = mp.apply_rotary(kv, k_phase).split(H, dim=2)
+    v = v_rot if rotate_value else kv.split(H, dim=2)[1]
+    q_rot = mp.apply_rotary(q, q_phase)
+    ref = F.scaled_dot_product_attention(
+        *(t.transpose(1, 2).double() for t in (q_rot, k_rot, v)), attn_mask=mask[:, None, None, :]
+    ).transpose(1, 2)  # (B, Nq, H, Dh)
+    if rotate_value:
+        ref = mp.apply_rotary(ref.float(), q_phase.conj()).double()
+    if gathered:
+        k, v = table[None].transpose(1, 2).split(H, dim=1)  # (1, H, M, Dh) tables
+        out = cpu_kernels.attention(
+            q.transpose(1, 2), k, v, mask, query_phase=q_phase, key_phase=k_phase, rotate_value=rotate_value, kv_index=index
+        )
+    else:
+        k, v = kv.transpose(1, 2).split(H, dim=1)
+        out = cpu_kernels.attention(
+            q.transpose(1, 2), k, v, mask, query_phase=q_phase, key_phase=k_phase, rotate_value=rotate_value
+        )
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=5e-6)
+
+
+def test_bad_phases_and_index_are_refused():
+    q, k, v = _operands(2, 2, 4, 6, 16)
+    emb = mp.PoyoRotaryTimeEmbedding(16, 1e-4, 2.0)
+    good_q, good_k = emb(torch.rand(2, 4)), emb(torch.rand(2, 6))
+    with pytest.raises(ValueError, match="query_phase must be complex64"):
+        cpu_kernels.attention(q, k, v, query_phase=torch.view_as_real(good_q))
+    with pytest.raises(ValueError, match=r"key_phase must be complex64 .*\(2, 6, P\)"):
+        cpu_kernels.attention(q, k, v, key_phase=good_q)
+    with pytest.raises(ValueError, match="rotate_value=True needs both"):
+        cpu_kernels.attention(q, k, v, query_phase=good_q, rotate_value=True)
+    table = k[:1]
+    assert not cpu_kernels.attention_supported(q, table, table, kv_index=torch.zeros(2, 6, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"kv_index holds rows in \[6, 6\] but the key/value tables have 6 rows"):
+        cpu_kernels.attention(q, table, table, kv_index=torch.full((2, 6), 6, dtype=torch.long))
+    out = cpu_kernels.attention(q, table, table, query_phase=good_q, key_phase=good_k, kv_index=torch.zeros(2, 6, dtype=torch.long))
+    assert out.shape == (2, 4, 2, 16)

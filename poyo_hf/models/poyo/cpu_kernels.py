@@ -591,6 +591,10 @@ def attention(
             )
     if rotate_value and (query_phase is None or key_phase is None):
         raise ValueError("rotate_value=True needs both query_phase and key_phase.")
+    if kv_index is not None and kv_index.numel():
+        lo, hi = (int(x) for x in torch.aminmax(kv_index))
+        if lo < 0 or hi >= key.shape[2]:
+            raise ValueError(f"kv_index holds rows in [{lo}, {hi}] but the key/value tables have {key.shape[2]} rows.")
     return _attention(query, key, value, key_mask, scale, return_lse, query_phase, key_phase, rotate_value, kv_index)
 
 
