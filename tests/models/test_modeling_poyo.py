@@ -273,6 +273,22 @@ def test_weighted_mse_loss_matches_hand_computation():
     np.testing.assert_allclose(out.predictions[0, :3].numpy(), z * std + mean, rtol=1e-5, atol=1e-5)
 
 
+def test_predictions_follow_target_statistics_changed_after_a_forward():
+    """The (mean, std) tables are kept between calls: a config change must still reach the predictions."""
+    model, proc = make_model()
+    c = model.config
+    batch = proc([{"session_id": "s0", "spike_times": [0.1], "spike_unit_ids": ["s0/u0"], "output_timestamps": [0.5]}])
+    with torch.no_grad():
+        first = model(**batch)
+        c.target_mean = {**c.target_mean, "hand_vel": [m + 10.0 for m in c.target_mean["hand_vel"]]}
+        c.target_std = {**c.target_std, "hand_vel": [2 * s for s in c.target_std["hand_vel"]]}
+        second = model(**batch)
+    assert torch.equal(first.normalized_predictions, second.normalized_predictions)
+    std = torch.tensor(c.target_std["hand_vel"])
+    expected = first.normalized_predictions[0, 0, :2] * std + torch.tensor(c.target_mean["hand_vel"])
+    torch.testing.assert_close(second.predictions[0, 0, :2], expected)
+
+
 def test_masked_and_missing_labels_never_reach_the_loss():
     model, proc = make_model()
     base = {
@@ -453,3 +469,15 @@ def test_base_model_returns_hidden_states(rng):
         out = base(**batch)
     assert out.last_hidden_state.shape == (3, batch["output_timestamps"].shape[1], 16)
     assert out.latent_hidden_state.shape == (3, cfg.num_latents, 16)
+
+
+@pytest.mark.parametrize("n_codes", [7, 300, 100_000])  # the presence table, and torch.unique beyond its range
+def test_distinct_rows_equal_torch_unique(n_codes):
+    from poyo_hf.models.poyo.modeling_poyo import distinct_rows
+
+    g = torch.Generator().manual_seed(n_codes)
+    codes = torch.randint(0, n_codes, (3, 500), generator=g)
+    values, inverse = distinct_rows(codes, n_codes)
+    ref_values, ref_inverse = torch.unique(codes, return_inverse=True)
+    assert torch.equal(values, ref_values) and torch.equal(inverse, ref_inverse)
+    assert inverse.dtype == torch.long and inverse.shape == codes.shape

@@ -89,11 +89,22 @@ class PoyoRotaryTimeEmbedding(nn.Module):
         self.t_min = t_min
         self.t_max = t_max
 
+    def frequencies(self, device: torch.device) -> torch.Tensor:
+        """:func:`rotary_frequencies` for this embedding on ``device``, kept from the last call (a
+        plain attribute, not a buffer: made at forward time, never by meta-device init)."""
+        key = (device, self.head_dim, self.t_min, self.t_max)
+        cached = self.__dict__.get("_omega")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        omega = rotary_frequencies(self.head_dim, self.t_min, self.t_max, device)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_omega"] = (key, omega)
+        return omega
+
     def forward(self, timestamps: torch.Tensor) -> torch.Tensor:
         """timestamps (...) -> complex64 phases (..., head_dim // 4), one per rotating pair."""
         with torch.autocast(device_type=timestamps.device.type, enabled=False):
-            omega = rotary_frequencies(self.head_dim, self.t_min, self.t_max, timestamps.device)
-            angles = timestamps.float()[..., None] * omega  # (..., Dh/4)
+            angles = timestamps.float()[..., None] * self.frequencies(timestamps.device)  # (..., Dh/4)
             return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -270,6 +281,21 @@ def cpu_dropout_attention(
     :func:`seeded_dropout`).
     """
     return _CpuDropoutAttention.apply(query, key, value, key_mask, scaling, dropout).transpose(1, 2)
+
+
+def distinct_rows(codes: torch.Tensor, n_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(codes, return_inverse=True)`` for integer codes in [0, n_codes): the sorted
+    distinct codes (M,) and each element's position among them (codes' shape).
+
+    Where the code range is small against the number of codes (POYO: units x token types against
+    the batch's tokens), a presence table replaces the sort: same result, ~4x less time on a
+    batch-1 window (2300 tokens, 303 codes)."""
+    if n_codes > 4 * codes.numel() + 1024:
+        return torch.unique(codes, return_inverse=True)
+    present = torch.zeros(n_codes, dtype=torch.bool, device=codes.device)
+    present[codes.reshape(-1)] = True
+    rank = torch.cumsum(present, 0) - 1  # (n_codes,): a present code's position among the present ones
+    return present.nonzero().squeeze(1), rank[codes]
 
 
 def fused_inference_available(x: torch.Tensor, head_dim: int) -> bool:
@@ -698,6 +724,20 @@ class PoyoModel(PoyoPreTrainedModel):
         index = torch.arange(c.num_latents_per_step, device=device)
         return index.repeat(c.num_latent_steps), times.repeat_interleave(c.num_latents_per_step)
 
+    def _grid_phases(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent_index (N_lat,), phases (N_lat, Dh/4) complex) of :meth:`latent_grid`, kept from the
+        last call: they depend on the config's grid and rotary periods only, not on weights or inputs."""
+        c = self.config
+        key = (device, c.num_latent_steps, c.num_latents_per_step, c.latent_step, c.head_dim, c.rotary_t_min, c.rotary_t_max)
+        cached = self.__dict__.get("_grid_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        index, times = self.latent_grid(device)
+        value = (index, self.rotary_emb(times))
+        if not torch.compiler.is_compiling():
+            self.__dict__["_grid_cache"] = (key, value)
+        return value
+
     def _check_indices(self, name: str, index: torch.Tensor, table: nn.Embedding, how: str) -> None:
         if index.numel() and (int(index.max()) >= table.num_embeddings or int(index.min()) < 0):
             raise ValueError(
@@ -744,7 +784,7 @@ class PoyoModel(PoyoPreTrainedModel):
         # the encoder normalises and projects each once, gathering K/V per token: on the benchmark
         # batch that is ~300 rows instead of 70k tokens.
         T = self.config.num_token_types
-        pairs, input_index = torch.unique(input_unit_index * T + input_token_type, return_inverse=True)  # (M,), (B, N_in)
+        pairs, input_index = distinct_rows(input_unit_index * T + input_token_type, self.unit_emb.num_embeddings * T)
         inputs = self.unit_emb(pairs // T) + self.token_type_emb(pairs % T)  # (M, D)
         # Phases padded to whole heads once here, reused by every layer (see pad_phase); the fused
         # inference kernel rotates only the rotating pairs and takes them unpadded.
@@ -757,16 +797,20 @@ class PoyoModel(PoyoPreTrainedModel):
 
         input_rotary = phases(input_timestamps)  # (B, N_in, Dh/4 or Dh/2) complex
 
-        if latent_timestamps is None or latent_index is None:
-            grid_index, grid_times = self.latent_grid(input_unit_index.device)
-            latent_index = grid_index if latent_index is None else latent_index
-            latent_timestamps = grid_times if latent_timestamps is None else latent_timestamps
+        if latent_timestamps is None and latent_index is None:  # the config's grid: its phases are kept
+            latent_index, latent_phase = self._grid_phases(input_unit_index.device)
+            latent_rotary = (latent_phase if fused else pad_phase(latent_phase, Dh)).expand(B, -1, -1)
+        else:
+            if latent_timestamps is None or latent_index is None:
+                grid_index, grid_times = self.latent_grid(input_unit_index.device)
+                latent_index = grid_index if latent_index is None else latent_index
+                latent_timestamps = grid_times if latent_timestamps is None else latent_timestamps
+            if latent_timestamps.dim() == 1:
+                latent_timestamps = latent_timestamps.expand(B, -1)
+            latent_rotary = phases(latent_timestamps)  # (B, N_lat, Dh/4 or Dh/2)
         if latent_index.dim() == 1:
             latent_index = latent_index.expand(B, -1)  # (N_lat,) -> (B, N_lat)
-        if latent_timestamps.dim() == 1:
-            latent_timestamps = latent_timestamps.expand(B, -1)
         latents = self.latent_emb(latent_index)  # (B, N_lat, D)
-        latent_rotary = phases(latent_timestamps)  # (B, N_lat, Dh/4 or Dh/2)
 
         queries = self.session_emb(session_index)[:, None, :]  # (B, 1, D)
         queries = queries.expand(-1, output_timestamps.shape[1], -1)  # (B, N_out, D)
@@ -832,15 +876,29 @@ class PoyoForDecoding(PoyoPreTrainedModel):
         self.post_init()
 
     def _target_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, Do) mean and std per readout, padded with 0 / 1 to the widest readout."""
+        """(R, Do) mean and std per readout, padded with 0 / 1 to the widest readout.
+
+        Built from the config (which may change, e.g. when statistics are set after pretraining)
+        and kept for the next call while the config's values, the device and the dtype stay the same:
+        building them took ~0.1 ms, 1-2% of a batch-1 forward."""
         c = self.config
+        key = (
+            device, dtype,
+            tuple((name, d, tuple(c.target_mean[name]), tuple(c.target_std[name])) for name, d in c.readout_dims.items()),
+        )
+        cached = self.__dict__.get("_target_stats_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         mean = torch.zeros(len(c.readout_dims), c.max_output_dim, dtype=dtype)
         std = torch.ones(len(c.readout_dims), c.max_output_dim, dtype=dtype)
         for r, name in enumerate(c.readout_dims):
             d = c.readout_dims[name]
             mean[r, :d] = torch.tensor(c.target_mean[name], dtype=dtype)
             std[r, :d] = torch.tensor(c.target_std[name], dtype=dtype)
-        return mean.to(device), std.to(device)
+        stats = (mean.to(device), std.to(device))
+        if not torch.compiler.is_compiling():
+            self.__dict__["_target_stats_cache"] = (key, stats)
+        return stats
 
     def _readout(self, hidden: torch.Tensor, readout_index: torch.Tensor | None) -> torch.Tensor:
         """hidden (B, N_out, D) -> normalised predictions (B, N_out, Do_max)."""
