@@ -91,7 +91,16 @@ import torch
 import torch.nn.functional as F
 
 from ..models.poyo.cpu_kernels import _attention as cpu_attention
-from ..models.poyo.cpu_kernels import attention_supported, pack_weight, packed_linear, use_onednn
+from ..models.poyo.cpu_kernels import (
+    SMALL_LINEAR_MAX_ROWS,
+    attention_supported,
+    pack_small,
+    pack_weight,
+    packed_linear,
+    small_linear,
+    use_onednn,
+    use_small_linear,
+)
 from ..models.poyo.modeling_poyo import PoyoForDecoding, rotary_frequencies
 from ..models.poyo.processing_poyo import TOKEN_END, TOKEN_SPIKE, TOKEN_START, PoyoProcessor
 
@@ -298,18 +307,26 @@ class PoyoStreamingDecoder:
             qkv_w[: self.H_s * self.Dh] *= scale
             self._layers.append((f"poyo.layers.{i}.", qkv_w))
 
-        # The products repeated on the latent rows at every step go through oneDNN with packed
-        # weights where cpu_kernels.use_onednn says so (the model's own rule and switch): a step
-        # 7-13% faster at p50 on the 2-core VM, 100 units (three interleaved A/B runs of 400 steps).
-        self._packed: dict[int, torch.Tensor] = {}  # id(weight) -> packed copy
-        latent_rows = [self._w[enc + "o_proj.weight"], self._w["poyo.decoder.cross_attn.kv_proj.weight"]]
-        latent_rows += [self._w[f"poyo.encoder.ffn.{fc}.weight"] for fc in ("fc1", "fc2")]
-        for prefix, qkv_w in self._layers:
-            latent_rows += [qkv_w] + [self._w[prefix + name] for name in ("self_attn.o_proj.weight", "ffn.fc1.weight", "ffn.fc2.weight")]
-        n_lat = self._latents0.shape[0]
-        for w in latent_rows:
-            if use_onednn(torch.empty(n_lat, w.shape[1], device=dev), w):
-                self._packed[id(w)] = pack_weight(w, n_lat)
+        # The products of every step, with packed weights: through cpu_kernels.small_linear where it
+        # applies (the model's own rule, PoyoLinear at inference on few rows: a step ~10% faster than
+        # with oneDNN / MKL), else through oneDNN where cpu_kernels.use_onednn says so (7-13% faster
+        # at p50 than F.linear, 100 units, three interleaved A/B runs of 400 steps), else F.linear.
+        self._packed: dict[int, tuple[str, object]] = {}  # id(weight) -> (kind, packed copy)
+        n_lat, n_out = self._latents0.shape[0], self.outputs_per_step
+        lat = [(enc + "o_proj.weight", enc + "o_proj.bias"), (dec + "kv_proj.weight", None)]  # on the latent rows
+        out = [(dec + "o_proj.weight", dec + "o_proj.bias"), (f"readouts.{self.readout}.weight", f"readouts.{self.readout}.bias")]
+        for block in ["poyo.encoder.ffn."] + [p + "ffn." for p, _ in self._layers]:
+            lat += [(block + "fc1.weight", block + "fc1.bias"), (block + "fc2.weight", block + "fc2.bias")]
+        out += [("poyo.decoder.ffn.fc1.weight", "poyo.decoder.ffn.fc1.bias"), ("poyo.decoder.ffn.fc2.weight", "poyo.decoder.ffn.fc2.bias")]
+        pairs = [(self._w[w], None if b is None else self._w[b], n) for names, n in ((lat, n_lat), (out, n_out)) for w, b in names]
+        pairs += [(qkv_w, None, n_lat) for _, qkv_w in self._layers]
+        pairs += [(self._w[p + "self_attn.o_proj.weight"], self._w[p + "self_attn.o_proj.bias"], n_lat) for p, _ in self._layers]
+        for w, b, rows in pairs:
+            probe = torch.empty(rows, w.shape[1], device=dev)
+            if use_small_linear(probe, w, b):  # (in inference mode here: no gradient)
+                self._packed[id(w)] = ("small", pack_small(w, b))
+            elif use_onednn(probe, w):
+                self._packed[id(w)] = ("onednn", pack_weight(w, rows))
 
         # The fused CPU attention kernel (cpu_kernels.attention) where it applies: float32 CPU,
         # a supported head dim, the kernels built. Checked once, on operands of this decoder's shape.
@@ -324,9 +341,14 @@ class PoyoStreamingDecoder:
         self._std = torch.tensor(c.target_std[self.readout][:d], dtype=f32, device=dev)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``F.linear``, or the same product with the weight's packed copy where one was made."""
-        packed = self._packed.get(id(weight))
-        return F.linear(x, weight, bias) if packed is None else packed_linear(x, packed, bias)
+        """``F.linear``, or the same product with the weight's packed copy where one was made (a
+        small-product copy holds its bias, the one passed here)."""
+        kind, packed = self._packed.get(id(weight), (None, None))
+        if kind == "small" and x.shape[-2] <= SMALL_LINEAR_MAX_ROWS:
+            return small_linear(x, packed)
+        if kind == "onednn":
+            return packed_linear(x, packed, bias)
+        return F.linear(x, weight, bias)
 
     def _ln(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         w, b = self._w[prefix + ".weight"], self._w[prefix + ".bias"]
@@ -574,11 +596,11 @@ class PoyoStreamingDecoder:
         lk = lk.contiguous()
         _rotate_(lk, self._lat_phase[:, None, :])
         o = _attend(q.transpose(0, 1), lk.transpose(0, 1), lv.transpose(0, 1), self._fused).flatten(1)  # (n_out, H*Dh)
-        y = self._dec_query + F.linear(
+        y = self._dec_query + self._linear(
             o, self._w[dec + "cross_attn.o_proj.weight"], self._w[dec + "cross_attn.o_proj.bias"]
         )
         y = y + self._ffn(y, dec + "ffn.")  # (n_out, D)
-        pred = F.linear(y, self._w[self._head + "weight"], self._w[self._head + "bias"])  # (n_out, Do)
+        pred = self._linear(y, self._w[self._head + "weight"], self._w[self._head + "bias"])  # (n_out, Do)
         pred = pred * self._std + self._mean
         return StreamingOutput(out_t, pred.cpu().numpy(), t0, N)
 

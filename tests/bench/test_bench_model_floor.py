@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from poyo_hf.bench.model import _ours, benchmark_batch, matmul_floor
+from poyo_hf.models.poyo import cpu_kernels
 from poyo_hf.models.poyo import modeling_poyo as mp
 from poyo_hf.models.poyo.cpu_kernels import kernels, onednn_linear_enabled
 
@@ -24,8 +25,8 @@ def _onednn_linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> i
 
 
 def _flops(fn, monkeypatch) -> dict[str, int]:
-    """FLOPs per kernel of ``fn()``; the fused CPU attention (a compiled extension call, which
-    FlopCounterMode cannot see) is counted where the model and the floor call it."""
+    """FLOPs per kernel of ``fn()``; the fused CPU attention and the small-product linear kernel
+    (compiled extension calls, which FlopCounterMode cannot see) are counted where they are called."""
     mapping = {
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
         torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops,
@@ -39,12 +40,22 @@ def _flops(fn, monkeypatch) -> dict[str, int]:
         fused.append(4 * B * H * Nq * (k.shape[2] if index is None else index.shape[1]) * Dh)
         return real(q, k, v, *args, **kwargs)
 
+    small = []
+    real_small = cpu_kernels.small_linear
+
+    def counted_small(x, packed):
+        small.append(2 * x.numel() * packed[2])  # rows x K x N multiply-adds
+        return real_small(x, packed)
+
     monkeypatch.setattr(mp, "cpu_attention", counted)
+    monkeypatch.setattr(cpu_kernels, "small_linear", counted_small)
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
-    flops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    flops = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
     if fused:
         flops["cpu_attention"] = sum(fused)
+    if small:
+        flops["small_linear"] = sum(small)
     return flops
 
 
@@ -65,10 +76,14 @@ def test_floor_runs_the_same_matrix_products_and_attention_as_a_batch1_forward(m
     forward = _flops(lambda: model(**one), monkeypatch)
     floor = _flops(matmul_floor(model.config, one), monkeypatch)
     assert forward == floor
-    attention_kernel = "cpu_attention" if attention == "fused" else "aten._scaled_dot_product_flash_attention_for_cpu"
-    products = {"aten.mm", "aten.addmm", attention_kernel}
-    if onednn_linear_enabled():  # the larger projections (QKV, FFN, ...) go through oneDNN instead
-        products |= {"mkldnn._linear_pointwise"}
+    if attention == "fused":  # every projection through the small-product kernel (batch 1: <= 512 rows)
+        attention_kernel = "cpu_attention"
+        products = {"small_linear", attention_kernel}
+    else:
+        attention_kernel = "aten._scaled_dot_product_flash_attention_for_cpu"
+        products = {"aten.mm", "aten.addmm", attention_kernel}
+        if onednn_linear_enabled():  # the larger projections (QKV, FFN, ...) go through oneDNN instead
+            products |= {"mkldnn._linear_pointwise"}
     assert set(floor) == products
     # The attention count: encoder (latents x tokens), layers (latents x latents), decoder (outputs x latents).
     c = model.config

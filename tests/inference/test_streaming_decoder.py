@@ -301,14 +301,23 @@ def test_prepared_work_is_not_used_when_a_spike_sits_between_rounded_window_star
         np.testing.assert_allclose(out.predictions, ref[:, :2], atol=TOL, rtol=0)
 
 
-def test_packed_latent_products_equal_offline(rng, monkeypatch):
-    """At poyo-mp's latent count and heads (128 latent rows, 8 heads) the large per-step products
-    go through oneDNN with packed weights (cpu_kernels.use_onednn); the decode stays equal to the
-    offline path, and ``POYO_HF_ONEDNN_LINEAR=0`` builds a decoder without them."""
+@pytest.mark.parametrize("kernels", ["small", "onednn"])
+def test_packed_products_equal_offline(rng, monkeypatch, kernels):
+    """Every product of a step goes through cpu_kernels.small_linear with packed weights where the
+    CPU kernels are built; without them (``POYO_HF_CPU_KERNELS=0``) the large per-step products at
+    poyo-mp's latent count and heads (128 latent rows, 8 heads) go through oneDNN with packed weights
+    (cpu_kernels.use_onednn). Either way the decode stays equal to the offline path, and
+    ``POYO_HF_ONEDNN_LINEAR=0`` then builds a decoder without packed copies."""
+    import shutil
+
     from poyo_hf.models.poyo.cpu_kernels import onednn_linear_enabled
 
-    if not onednn_linear_enabled():
-        pytest.skip("torch built without oneDNN, or not an x86-64 machine")
+    if kernels == "onednn":
+        monkeypatch.setenv("POYO_HF_CPU_KERNELS", "0")
+        if not onednn_linear_enabled():
+            pytest.skip("torch built without oneDNN, or not an x86-64 machine")
+    elif shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the small-product kernel cannot be built")
     units = [f"s/u{i}" for i in range(12)]
     config = PoyoConfig.from_preset("poyo-mp", num_hidden_layers=2, unit_vocab_size=len(units) + 1, session_vocab_size=2)
     processor = PoyoProcessor.from_config(config, {"s": units})
@@ -316,13 +325,20 @@ def test_packed_latent_products_equal_offline(rng, monkeypatch):
     model = PoyoForDecoding(config).eval()
     times, ids = poisson(units, 2.0, 20.0, rng)
     decoder = PoyoStreamingDecoder(model, processor, "s", step=0.02, outputs_per_step=2)
-    # Per layer QKV (128 x 64 -> 1536), out-projection (512 -> 64) and fc1 (64 -> 512), and the
-    # encoder's fc1, pass the size threshold; every fc2, the encoder's out-projection (128 -> 64)
-    # and the decoder's K/V (64 -> 256) stay below it.
-    assert len(decoder._packed) == 2 * 3 + 1
+    kinds = [kind for kind, _ in decoder._packed.values()]
+    if kernels == "small":
+        # Per layer QKV, out-projection, fc1, fc2; the encoder's and decoder's fc1 and fc2, the
+        # encoder's out-projection, the decoder's K/V and out-projection, the readout: all of them.
+        assert kinds == ["small"] * (2 * 4 + 8)
+    else:
+        # Per layer QKV (128 x 64 -> 1536), out-projection (512 -> 64) and fc1 (64 -> 512), and the
+        # encoder's fc1, pass the size threshold; every fc2, the encoder's out-projection (128 -> 64)
+        # and the decoder's products stay below it.
+        assert kinds == ["onednn"] * (2 * 3 + 1)
     stream_and_compare(model, processor, "s", times, ids, 1.0 + 0.05 * np.arange(1, 12), rng, decoder, prepare=True)
-    monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
-    assert PoyoStreamingDecoder(model, processor, "s")._packed == {}
+    if kernels == "onednn":
+        monkeypatch.setenv("POYO_HF_ONEDNN_LINEAR", "0")
+        assert PoyoStreamingDecoder(model, processor, "s")._packed == {}
 
 
 @pytest.mark.parametrize("kernels", ["fused", "torch"])
