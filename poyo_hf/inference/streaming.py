@@ -90,7 +90,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.poyo.cpu_kernels import _attention as cpu_attention
 from ..models.poyo.cpu_kernels import (
     SMALL_LINEAR_MAX_ROWS,
     attention_supported,
@@ -101,6 +100,7 @@ from ..models.poyo.cpu_kernels import (
     use_onednn,
     use_small_linear,
 )
+from ..models.poyo.cpu_kernels import _attention as cpu_attention
 from ..models.poyo.modeling_poyo import PoyoForDecoding, rotary_frequencies
 from ..models.poyo.processing_poyo import TOKEN_END, TOKEN_SPIKE, TOKEN_START, PoyoProcessor
 

@@ -481,3 +481,21 @@ def test_distinct_rows_equal_torch_unique(n_codes):
     ref_values, ref_inverse = torch.unique(codes, return_inverse=True)
     assert torch.equal(values, ref_values) and torch.equal(inverse, ref_inverse)
     assert inverse.dtype == torch.long and inverse.shape == codes.shape
+
+
+def test_training_after_an_inference_mode_forward():
+    """What the model keeps between calls (rotary frequencies, the latent grid's phases, target
+    statistics) is made outside inference mode, so a training step after an inference-mode
+    forward can save it for backward; and the other way round."""
+    model, proc = make_model()
+    batch = proc(
+        [{"session_id": "s0", "spike_times": [0.1, 0.4], "spike_unit_ids": ["s0/u0", "s0/u1"],
+          "output_timestamps": [0.2, 0.6], "targets": [[1.0, 0.0], [0.5, 2.0]]}]
+    )
+    for _ in range(2):
+        with torch.inference_mode():
+            model(**batch)
+        model.train()
+        model(**batch).loss.backward()
+        model.eval()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith("poyo.latent_emb"))

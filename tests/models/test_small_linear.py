@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from poyo_hf.models.poyo import cpu_kernels
-from poyo_hf.models.poyo.cpu_kernels import SMALL_LINEAR_MAX_ROWS, PoyoLinear, pack_small, small_linear, use_small_linear
+from poyo_hf.models.poyo.cpu_kernels import (
+    SMALL_LINEAR_MAX_ROWS,
+    PoyoLinear,
+    pack_small,
+    small_linear,
+    use_small_linear,
+)
 
 
 @pytest.fixture(autouse=True)

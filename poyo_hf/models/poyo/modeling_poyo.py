@@ -55,6 +55,17 @@ from .cpu_kernels import _attention as cpu_attention
 # ----------------------------------------------------------------------------------------
 
 
+def _kept_tensors():
+    """Context for tensors a module keeps between calls: made outside inference mode (an inference
+    tensor cannot be saved for backward by a later training forward) and without autograd history."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 def rotary_frequencies(
     head_dim: int, t_min: float, t_max: float, device: torch.device | None = None
 ) -> torch.Tensor:
@@ -96,7 +107,8 @@ class PoyoRotaryTimeEmbedding(nn.Module):
         cached = self.__dict__.get("_omega")
         if cached is not None and cached[0] == key:
             return cached[1]
-        omega = rotary_frequencies(self.head_dim, self.t_min, self.t_max, device)
+        with _kept_tensors():
+            omega = rotary_frequencies(self.head_dim, self.t_min, self.t_max, device)
         if not torch.compiler.is_compiling():
             self.__dict__["_omega"] = (key, omega)
         return omega
@@ -732,8 +744,9 @@ class PoyoModel(PoyoPreTrainedModel):
         cached = self.__dict__.get("_grid_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        index, times = self.latent_grid(device)
-        value = (index, self.rotary_emb(times))
+        with _kept_tensors():
+            index, times = self.latent_grid(device)
+            value = (index, self.rotary_emb(times))
         if not torch.compiler.is_compiling():
             self.__dict__["_grid_cache"] = (key, value)
         return value
@@ -889,13 +902,14 @@ class PoyoForDecoding(PoyoPreTrainedModel):
         cached = self.__dict__.get("_target_stats_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        mean = torch.zeros(len(c.readout_dims), c.max_output_dim, dtype=dtype)
-        std = torch.ones(len(c.readout_dims), c.max_output_dim, dtype=dtype)
-        for r, name in enumerate(c.readout_dims):
-            d = c.readout_dims[name]
-            mean[r, :d] = torch.tensor(c.target_mean[name], dtype=dtype)
-            std[r, :d] = torch.tensor(c.target_std[name], dtype=dtype)
-        stats = (mean.to(device), std.to(device))
+        with _kept_tensors():
+            mean = torch.zeros(len(c.readout_dims), c.max_output_dim, dtype=dtype)
+            std = torch.ones(len(c.readout_dims), c.max_output_dim, dtype=dtype)
+            for r, name in enumerate(c.readout_dims):
+                d = c.readout_dims[name]
+                mean[r, :d] = torch.tensor(c.target_mean[name], dtype=dtype)
+                std[r, :d] = torch.tensor(c.target_std[name], dtype=dtype)
+            stats = (mean.to(device), std.to(device))
         if not torch.compiler.is_compiling():
             self.__dict__["_target_stats_cache"] = (key, stats)
         return stats
