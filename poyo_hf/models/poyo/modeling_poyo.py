@@ -47,7 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_poyo import PoyoConfig
-from .cpu_kernels import ATTENTION_HEAD_DIMS, PoyoLinear, draw_seed, kernels
+from .cpu_kernels import ATTENTION_HEAD_DIMS, PoyoLinear, draw_seed, kernels, rotary_phases
 from .cpu_kernels import _attention as cpu_attention
 
 # ----------------------------------------------------------------------------------------
@@ -116,8 +116,7 @@ class PoyoRotaryTimeEmbedding(nn.Module):
     def forward(self, timestamps: torch.Tensor) -> torch.Tensor:
         """timestamps (...) -> complex64 phases (..., head_dim // 4), one per rotating pair."""
         with torch.autocast(device_type=timestamps.device.type, enabled=False):
-            angles = timestamps.float()[..., None] * self.frequencies(timestamps.device)  # (..., Dh/4)
-            return torch.polar(torch.ones_like(angles), angles)
+            return rotary_phases(timestamps, self.frequencies(timestamps.device))  # (..., Dh/4)
 
 
 def pad_phase(phase: torch.Tensor, head_dim: int) -> torch.Tensor:
