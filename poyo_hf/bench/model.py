@@ -25,25 +25,29 @@ most of the rest; the reference still pays both. Without ``poyo_hf.allocator``'s
 also page-faults every large activation in afresh each step (a further ~30% on the VM this was
 measured on).
 
-Batch-1 latency is bounded by arithmetic: a forward is ~665 MFLOP of matrix products (encoder
-cross-attention 144, the six latent layers 480, decoder and FFNs the rest). The ``floor`` row
-times exactly those products and attention kernels alone (:func:`matmul_floor`: ``mm`` /
-``addmm``, oneDNN for the larger projections as in the forward, SDPA), interleaved with both
-forwards: 0.43-0.47x the reference's latency with MKL for every projection (3 runs, 2026-11-22:
-floor 4.9-6.3 ms, reference 10.4-14.6, ours 8.9-11.4), 0.40-0.41x with the packed oneDNN
-products (2 runs, same day: floor 5.7-6.1 ms, reference 14.2-14.9, ours 10.8-11.2, ours/ref
-0.75-0.76). A forward at 0.5x would leave every norm,
-rotation, GEGLU, gather and Python line ~0.5-1 ms in all; ours spends ~4-5 ms on them. Measured
-and not adopted: bf16 autocast (no faster on this CPU: 12.7 vs 12.1 ms fp32, same run);
-``torch.compile`` of a functional batch-1 forward with a real-valued rotary (inductor, 17-27 s to
-compile; 0.73-0.78x our eager time with or without ``cpp_wrapper`` / ``freezing``, still ~3.4 ms
-above the floor); attention through per-head oneDNN products (encoder: 2.0-2.3 vs 1.0-1.05 ms SDPA).
-A lean functional batch-1 forward (session 8: no modules, the latent queries and phases cached,
-bmm + softmax for the latent attention, the streaming decoder's arithmetic) measured 0.66-0.67x
-the reference (3 interleaved runs: reference 9.9-10.1 ms, ours 7.6-7.8, lean 6.6-6.7, floor 4.7-4.8):
-its remaining time is kernels too (bmm 1.4 ms, projections 1.3, encoder SDPA 1.2, rotations 0.4,
-phases 0.35), so it was not adopted as a third copy of the forward. ``torch.polar`` stays for the
-phases: cos + sin is slower on torch 2.13 (batch 1: 7.86 vs 7.69 ms).
+Batch-1 latency. A forward is ~665 MFLOP of matrix products (encoder cross-attention 144, the six
+latent layers 480, decoder and FFNs the rest), too small for torch's CPU kernels to run near the
+cores' speed: MKL (``bmm``, ``addmm``, SDPA's blocks) runs its AVX2 code on this AMD EPYC, at half
+the AVX-512 rate, and each oneDNN call costs ~20-40 us beyond its arithmetic. With those kernels the
+``floor`` row alone was 0.40-0.47x the reference (session 8) and our forward 0.75-0.84x. So at
+inference (no gradient, float32 CPU) the forward now runs on poyo_hf's compiled kernels
+(``cpu_kernels``): the fused attention (scores, softmax, values; rotations and the encoder's K/V
+gather folded in), the small-product linear kernel for every projection (<= 512 rows), and the
+rotary phases; the prologue's constants (frequencies, latent-grid phases, target statistics) are
+kept between calls. Measured (session 9, bench model, 300 batch-1 calls each): ours/ref
+0.65 with the fused attention alone, 0.59 with rotations and gather folded in, 0.52 with the
+prologue kept, then 0.43-0.49 in five runs with the small-product kernel and the phase loop
+(ours 5.25-6.25 ms, reference 10.8-14.4 ms, floor 3.0-3.2 ms); in interleaved A/B runs the
+small-product kernel alone took the forward from 5.2-5.4 to 4.6-4.7 ms. The ``floor`` row times
+the same kernels alone (:func:`matmul_floor`), now 0.22-0.28x the reference: the rest of ours is
+norms, GEGLU, residual adds and Python, ~2 ms.
+Measured and not adopted: bf16 autocast (no faster on this CPU: 12.7 vs 12.1 ms fp32, session 8);
+``torch.compile`` of the model with the fused attention registered as a custom op (15 s to compile,
+4 graph breaks in the prologue; 5.86 vs 6.30 ms eager, 0.93x: the time is in the kernels);
+``torch.compile`` of a functional forward with a real-valued rotary (session 8: 0.73-0.78x our eager
+time then, still ~3.4 ms above the floor); attention through per-head oneDNN products (encoder:
+2.0-2.3 vs 1.0-1.05 ms SDPA); a lean functional batch-1 forward (session 8: 0.66-0.67x the
+reference then, its remaining time kernels too), not adopted as a third copy of the forward.
 """
 
 from __future__ import annotations
@@ -121,9 +125,10 @@ def _reference(config, proc):
 def matmul_floor(config, inputs: dict, readout_dim: int = 2, device: torch.device | str = "cpu"):
     """A function that runs only the matrix products and attention kernels of one batch-1 POYO
     forward on ``inputs`` (one window from the processor), with the same shapes and the same
-    kernels (the model's own layer class for the projections, so ``mm`` / ``addmm`` or oneDNN with a
-    packed weight as in the forward; the forward's attention kernel, ``cpu_kernels.attention`` where
-    it applies, else SDPA), on random operands: what the forward costs if
+    kernels (the model's own layer class for the projections, so the same product kernel as in the
+    forward: ``cpu_kernels.small_linear`` at batch 1, else ``mm`` / ``addmm`` or oneDNN; the forward's
+    attention kernel, ``cpu_kernels.attention`` where it applies, else SDPA), on random operands:
+    what the forward costs if
     every norm, rotation, GEGLU, gather and Python line were free. Its time, beside both
     implementations', bounds the latency any implementation built on these kernels can reach
     (float32). Counted: the window's real tokens, its distinct (unit, token type) rows (the
@@ -146,7 +151,7 @@ def matmul_floor(config, inputs: dict, readout_dim: int = 2, device: torch.devic
 
     lat, rows, outs = r(n_lat, D), r(n_rows, D), r(n_outputs, D)
     # The projections are the model's own layer class (PoyoLinear), so each product takes the
-    # forward's kernel: F.linear, or oneDNN with a packed weight for the larger ones.
+    # forward's kernel: the small-product one at batch 1 (or F.linear / oneDNN where it does not apply).
     with torch.random.fork_rng():  # module init must not move the caller's random stream
         lin = dict(q=PoyoLinear(D, Hx * Dh, bias=False), kv=PoyoLinear(D, 2 * Hx * Dh, bias=False),
                    o=PoyoLinear(Hx * Dh, D), qkv=PoyoLinear(D, 3 * Hs * Dh, bias=False), o_s=PoyoLinear(Hs * Dh, D),
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"POYO {args.preset}, {r['windows']} windows x {r['tokens_per_window']:.0f} tokens, "
           f"{r['outputs_per_window']} outputs, {args.threads} threads, {r['device']} ({r['autocast']} autocast)")
     print_table(["implementation", "train steps/s", "samples/s", "b1 latency p50 ms", "p99 ms"], rows)
-    print("floor: the batch-1 forward's mm / addmm / SDPA calls alone (same shapes and kernels, every other op "
+    print("floor: the batch-1 forward's matrix-product and attention kernel calls alone (same shapes and kernels, every other op "
           "free), a bound for any implementation that calls these float32 kernels.")
     if args.json:
         emit_json(r)

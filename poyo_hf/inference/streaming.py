@@ -41,13 +41,21 @@ packed once at construction, as ``PoyoLinear`` does at inference: p50 5.31 -> 4.
 half oneDNN's speed on the AMD machine measured). The attention products stay on torch's bmm/SDPA
 (oneDNN has no batched entry point in torch, and per-head calls cost more than they save).
 
+Session 9: where the CPU kernels are built (``cpu_kernels``), every attention of a step runs in the
+fused attention kernel (the encoder's, the latent layers', the decoder's; prepare()'s partial sums
+come from its log-sum-exp), every product in the small-product linear kernel, and the spike phases
+in the compiled phase loop; otherwise the paths above. Interleaved A/B in one process (two decoders
+on the same chunks, 400 prepared steps, 2 threads), kernels vs the session-8 paths: 100 units
+p50 3.37 vs 4.54 ms, p99 5.15 vs 6.88, prepare() 1.01 vs 1.71; 300 units p50 3.46 vs 4.55, p99
+5.13 vs 6.68, prepare() 2.39 vs 4.26.
+
 Evaluated and dropped (measured slower or not exact): caching each spike's rotation against a
 fixed stream origin (not equal to the offline path within 1e-5, see below), ``torch.compile`` of the latent stack (46 s to compile, no gain:
 inductor does not generate code for complex ops and the time is in matmul/SDPA), SDPA on 3-D
 inputs (falls back to the unfused math path, ~2x slower than 4-D), advanced indexing of the complex
-per-unit table (~6x slower than ``index_select``). The spike phases used cos/sin until session 8:
-``torch.polar`` was measured ~3x slower then, but on torch 2.13 it is the faster one (2300 spikes:
-93 vs 213 us; full steps interleaved A/B, p50: 300 units 8.46 vs 8.76 ms, 100 units within 0.5%).
+per-unit table (~6x slower than ``index_select``). The spike phases used cos/sin until session 8,
+then ``torch.polar`` (on torch 2.13 the faster of the two: 2300 spikes 93 vs 213 us), then the
+compiled phase loop (session 9: 19-21 vs 99-103 us for ``torch.polar``).
 
 What the decoder caches, and why it is exact:
 

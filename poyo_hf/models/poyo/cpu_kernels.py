@@ -1,6 +1,8 @@
 """CPU kernels: small C++ loops compiled on first use (dropout masks without ``bernoulli_``, the
-softmax-with-dropout backward, and a fused attention forward for inference, :func:`attention`), and
-linear layers routed through oneDNN (:func:`linear`, see its section below).
+softmax-with-dropout backward; for inference a fused attention forward, :func:`attention`, a
+linear kernel for few rows, :func:`small_linear`, and the rotary phases, :func:`rotary_phases`), and
+linear layers routed through oneDNN (:func:`linear`, see its section below). Each section says why
+it is written by hand.
 
 Why by hand: on the CPU, ``F.dropout`` draws one float per element from the serial mt19937
 generator (``bernoulli_``: 117 ms for the 18.9M encoder attention weights of the benchmark batch,
@@ -19,7 +21,7 @@ applied to ``seed + group * golden ratio``), so:
 >= ``drop`` and 0 elsewhere (``modeling_poyo.seeded_dropout`` passes drop = round(p * 65536) and
 scale = 1 / P(keep));
 ``softmax_dropout_grad_(grad, kept, probs)`` is the softmax-with-dropout backward row kernel
-(see ``_CpuDropoutAttention``); ``attention_forward`` is described at :func:`attention`. The C++ is
+(see ``_CpuDropoutAttention``); the inference loops are described at their Python entry points. The C++ is
 compiled once per machine with ``torch.utils.cpp_extension.load_inline`` (~30-60 s, cached in
 ``TORCH_EXTENSIONS_DIR``), with OpenMP so that ``at::parallel_for`` uses torch's threads (the
 dropout masks of the benchmark batch's encoder attention: 6.8-7.3 ms on 2 threads against
