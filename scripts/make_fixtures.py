@@ -58,6 +58,29 @@ def golden_windows() -> list[dict]:
     return windows
 
 
+def ragged_batch(config: PoyoConfig, seed: int = 0) -> dict:
+    """A processed batch of four windows over two sessions of 6 units each, with different spike
+    counts (padded keys under the mask), 7 outputs and targets each, for ``config``'s vocabularies."""
+    sessions = {sid: [f"{sid}/u{i}" for i in range(6)] for sid in ["s0", "s1"]}
+    proc = PoyoProcessor.from_config(config, sessions)
+    rng = np.random.default_rng(seed)
+    windows = []
+    for b in range(4):
+        sid = f"s{b % 2}"
+        k = int(rng.integers(3, 40))
+        windows.append(
+            {
+                "session_id": sid,
+                "spike_times": np.sort(rng.uniform(0, 1, k)),
+                "spike_unit_index": rng.integers(0, 6, k),
+                "unit_ids": sessions[sid],
+                "output_timestamps": np.sort(rng.uniform(0, 1, 7)),
+                "targets": rng.normal(size=(7, 2)),
+            }
+        )
+    return dict(proc(windows))
+
+
 def main() -> None:
     torch.manual_seed(0)
     sessions = {sid: [f"{sid}/u{i}" for i in range(4)] for sid in ["sess_a", "sess_b"]}

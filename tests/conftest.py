@@ -33,3 +33,17 @@ def tiny_checkpoint() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def cpu_kernels_built(monkeypatch):
+    """poyo_hf's compiled CPU kernels, enabled and built; skips the test where no C++ compiler exists
+    (there the callers run their plain-torch paths, tested with ``POYO_HF_CPU_KERNELS=0``)."""
+    import shutil
+
+    from poyo_hf.models.poyo import cpu_kernels
+
+    monkeypatch.delenv("POYO_HF_CPU_KERNELS", raising=False)
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the CPU kernels cannot be built")
+    assert cpu_kernels.kernels() is not None, "the CPU kernels failed to build"

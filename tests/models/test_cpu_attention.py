@@ -5,25 +5,16 @@ References: the softmax attention computed in float64 by plain torch ops, and SD
 
 from __future__ import annotations
 
-import shutil
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from make_fixtures import tiny_config
+from make_fixtures import ragged_batch, tiny_config
 
-from poyo_hf import PoyoForDecoding, PoyoProcessor
+from poyo_hf import PoyoForDecoding
 from poyo_hf.models.poyo import cpu_kernels
 from poyo_hf.models.poyo import modeling_poyo as mp
 
-
-@pytest.fixture(autouse=True)
-def built(monkeypatch):
-    monkeypatch.delenv("POYO_HF_CPU_KERNELS", raising=False)
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine: the kernel cannot be built, callers use SDPA")
-    assert cpu_kernels.kernels() is not None, "the CPU kernels failed to build"
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 def _operands(B, H, Nq, Nk, Dh, seed=0, scale=1.0):
@@ -146,31 +137,11 @@ def test_disabled_kernels_are_not_supported(monkeypatch):
     assert not cpu_kernels.attention_supported(q, k, v)
 
 
-def _batch(config):
-    sessions = {sid: [f"{sid}/u{i}" for i in range(6)] for sid in ["s0", "s1"]}
-    proc = PoyoProcessor.from_config(config, sessions)
-    rng = np.random.default_rng(0)
-    windows = []
-    for b in range(4):
-        sid = f"s{b % 2}"
-        n = int(rng.integers(3, 40))  # different lengths: padded keys under the mask
-        windows.append(
-            {
-                "session_id": sid,
-                "spike_times": np.sort(rng.uniform(0, 1, n)),
-                "spike_unit_index": rng.integers(0, 6, n),
-                "unit_ids": sessions[sid],
-                "output_timestamps": np.sort(rng.uniform(0, 1, 7)),
-            }
-        )
-    return dict(proc(windows))
-
-
 def test_model_inference_uses_the_kernel_and_equals_eager(monkeypatch):
     config = tiny_config(unit_vocab_size=13, session_vocab_size=3)
     torch.manual_seed(0)
     model = PoyoForDecoding(config).eval()
-    batch = _batch(config)
+    batch = ragged_batch(config)
     calls = []
     real = mp.cpu_attention
 
@@ -198,7 +169,7 @@ def test_model_forward_with_gradients_does_not_use_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(mp, "cpu_attention", lambda *a, **k: calls.append(1))
     model.config._attn_implementation = "sdpa"
-    out = model(**_batch(config)).predictions  # grad enabled, parameters require grad: SDPA
+    out = model(**ragged_batch(config)).predictions  # grad enabled, parameters require grad: SDPA
     assert out.requires_grad and not calls
 
 

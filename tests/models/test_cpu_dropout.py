@@ -12,9 +12,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from make_fixtures import tiny_config
+from make_fixtures import ragged_batch, tiny_config
 
-from poyo_hf import PoyoForDecoding, PoyoProcessor
+from poyo_hf import PoyoForDecoding
 from poyo_hf.models.poyo import cpu_kernels
 from poyo_hf.models.poyo import modeling_poyo as mp
 
@@ -151,24 +151,7 @@ def test_model_training_path_equals_eager_when_masks_keep_everything(mask_source
     )
     torch.manual_seed(0)
     model = PoyoForDecoding(config).train()
-    sessions = {sid: [f"{sid}/u{i}" for i in range(6)] for sid in ["s0", "s1"]}
-    proc = PoyoProcessor.from_config(config, sessions)
-    rng = np.random.default_rng(0)
-    windows = []
-    for b in range(4):
-        sid = f"s{b % 2}"
-        k = int(rng.integers(3, 40))  # different lengths: padded keys under the mask
-        windows.append(
-            {
-                "session_id": sid,
-                "spike_times": np.sort(rng.uniform(0, 1, k)),
-                "spike_unit_index": rng.integers(0, 6, k),
-                "unit_ids": sessions[sid],
-                "output_timestamps": np.sort(rng.uniform(0, 1, 7)),
-                "targets": rng.normal(size=(7, 2)),
-            }
-        )
-    batch = dict(proc(windows))
+    batch = ragged_batch(config)  # different lengths: padded keys under the mask
     used = []
 
     def keep_all(x, p, seed):

@@ -3,21 +3,13 @@ through the compiled loop where it applies and torch.polar elsewhere."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from poyo_hf.models.poyo import cpu_kernels
 from poyo_hf.models.poyo.modeling_poyo import PoyoRotaryTimeEmbedding, rotary_frequencies
 
-
-@pytest.fixture(autouse=True)
-def built(monkeypatch):
-    monkeypatch.delenv("POYO_HF_CPU_KERNELS", raising=False)
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine: torch.polar is used")
-    assert cpu_kernels.kernels() is not None, "the CPU kernels failed to build"
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 @pytest.mark.parametrize(

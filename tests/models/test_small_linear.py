@@ -3,8 +3,6 @@ equal to a float64 product, taken only where it applies, the same for any thread
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,13 +16,7 @@ from poyo_hf.models.poyo.cpu_kernels import (
     use_small_linear,
 )
 
-
-@pytest.fixture(autouse=True)
-def built(monkeypatch):
-    monkeypatch.delenv("POYO_HF_CPU_KERNELS", raising=False)
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine: PoyoLinear uses oneDNN / F.linear")
-    assert cpu_kernels.kernels() is not None, "the CPU kernels failed to build"
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 @pytest.mark.parametrize(
