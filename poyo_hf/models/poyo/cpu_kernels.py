@@ -999,13 +999,14 @@ def use_small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """Whether ``x @ weight^T + bias`` goes through :func:`small_linear` here: float32 CPU operands
     taking no gradient, at most ``SMALL_LINEAR_MAX_ROWS`` rows, not under autocast or while
     ``torch.compile`` traces, the CPU kernels built (``POYO_HF_CPU_KERNELS`` not 0)."""
+    # Cheapest checks first: this runs on every projection of a batch-1 forward (~35 calls).
     return (
-        x.numel() <= SMALL_LINEAR_MAX_ROWS * x.shape[-1]
+        x.dtype is torch.float32
+        and weight.dtype is torch.float32
+        and (bias is None or bias.dtype is torch.float32)
+        and x.numel() <= SMALL_LINEAR_MAX_ROWS * x.shape[-1]
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and not _tracks_grad(x, weight, bias)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
         and kernels() is not None
@@ -1022,10 +1023,9 @@ def pack_small(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[
 def small_linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
     """``x @ weight^T + bias`` with ``packed = pack_small(weight, bias)``, for float32 CPU ``x``
     (..., K) of at most a few hundred rows."""
-    rows = x.reshape(-1, x.shape[-1])
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    out = kernels().linear_forward(rows, packed[0], packed[1], packed[2])
+    if x.dim() == 2 and x.is_contiguous():
+        return kernels().linear_forward(x, *packed)
+    out = kernels().linear_forward(x.reshape(-1, x.shape[-1]).contiguous(), *packed)
     return out.view(*x.shape[:-1], packed[2])
 
 
@@ -1061,10 +1061,12 @@ class PoyoLinear(nn.Linear):
 
     def _packed(self, kind: str, x: torch.Tensor):
         weight, bias = self.weight, self.bias
-        entries = _PACKED.setdefault(self, {})
+        entries = _PACKED.get(self)
+        if entries is None:
+            entries = _PACKED[self] = {}
         cached = entries.get(kind)
         key = (_state(weight), _state(bias))
-        if cached is None or cached[0]() is not weight or (bias is not None and cached[1]() is not bias) or cached[2] != key:
+        if cached is None or cached[0]() is not weight or cached[1]() is not bias or cached[2] != key:
             if kind == "small":
                 packed = pack_small(weight, bias)
             else:
