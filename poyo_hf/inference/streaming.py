@@ -145,15 +145,13 @@ def _rotate_(x: torch.Tensor, phase: torch.Tensor) -> None:
     pairs.mul_(phase)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T) v for (H, Nq, Dh), (H, Nk, Dh) x 2 -> (Nq, H, Dh); ``q`` comes pre-scaled.
 
-    With ``fused`` (the decoder checked :func:`~poyo_hf.models.poyo.cpu_kernels.attention_supported`
-    once), the fused CPU kernel; otherwise explicit bmm + softmax, which beat SDPA at the latent
-    self-attention's shape (batch 1, 8 heads x 128 x 128; fp32, 2 threads: 0.63 vs 0.72 ms p50 per
-    layer). The result is the same softmax to float32 rounding (~1e-7)."""
-    if fused:
-        return cpu_attention(q[None], k[None], v[None], scale=1.0)[0]
+    The path without the CPU kernels (where they are built, ``cpu_kernels.attention`` takes the
+    rotations too): explicit bmm + softmax, which beat SDPA at the latent self-attention's shape
+    (batch 1, 8 heads x 128 x 128; fp32, 2 threads: 0.63 vs 0.72 ms p50 per layer). The result is
+    the same softmax to float32 rounding (~1e-7)."""
     scores = torch.bmm(q, k.transpose(1, 2))  # (H, Nq, Nk)
     return torch.bmm(torch.softmax(scores, dim=-1), v).transpose(0, 1)
 
@@ -594,16 +592,25 @@ class PoyoStreamingDecoder:
         dec = "poyo.decoder."
         n_out = out_t.size
         rel32 = torch.as_tensor(rel_out.astype(np.float32), device=self.device)  # (n_out,) like the processor
-        q = self._dec_q.expand(n_out, -1).unflatten(-1, (H, self.Dh)).clone()  # (n_out, H, Dh)
-        _rotate_(q, self._phase(rel32)[:, None, :])
+        out_phase = self._phase(rel32)  # (n_out, R)
         ctx = self._ln(x, dec + "cross_attn.context_norm")
         lkv = self._linear(ctx, self._w[dec + "cross_attn.kv_proj.weight"]).unflatten(
             -1, (2 * H, self.Dh)
         )  # (N_lat, 2H, Dh)
         lk, lv = lkv.split(H, dim=1)  # (N_lat, H, Dh) each
-        lk = lk.contiguous()
-        _rotate_(lk, self._lat_phase[:, None, :])
-        o = _attend(q.transpose(0, 1), lk.transpose(0, 1), lv.transpose(0, 1), self._fused).flatten(1)  # (n_out, H*Dh)
+        q = self._dec_q.expand(n_out, -1).unflatten(-1, (H, self.Dh))  # (n_out, H, Dh), not yet rotated
+        if self._fused:  # the kernel rotates Q by the output times and K by the latent times
+            o = cpu_attention(
+                q.transpose(0, 1)[None], lk.transpose(0, 1)[None], lv.transpose(0, 1)[None], None, 1.0, False,
+                out_phase[None], self._lat_phase[None],
+            )[0]  # (n_out, H, Dh)
+        else:
+            q = q.clone()
+            _rotate_(q, out_phase[:, None, :])
+            lk = lk.contiguous()
+            _rotate_(lk, self._lat_phase[:, None, :])
+            o = _attend(q.transpose(0, 1), lk.transpose(0, 1), lv.transpose(0, 1))
+        o = o.flatten(1)  # (n_out, H*Dh)
         y = self._dec_query + self._linear(
             o, self._w[dec + "cross_attn.o_proj.weight"], self._w[dec + "cross_attn.o_proj.bias"]
         )
@@ -622,10 +629,15 @@ class PoyoStreamingDecoder:
         qkv = self._linear(self._ln(x, a + "norm"), qkv_w).unflatten(
             -1, (3 * H, Dh)
         )  # (N_lat, 3H, Dh)
-        _rotate_(qkv, self._lat_phase[:, None, :])  # Q, K and V rotated by the latent times
-        q, k, v = qkv.transpose(0, 1).split(H, dim=0)  # (H, N_lat, Dh) each
-        o = _attend(q, k, v, self._fused)  # (N_lat, H, Dh)
-        _rotate_(o, self._lat_phase.conj()[:, None, :])  # rotate back by -t_lat
+        if self._fused:  # Q, K and V rotated by the latent times and the output back, in the kernel
+            q, k, v = qkv.transpose(0, 1)[None].split(H, dim=1)  # (1, H, N_lat, Dh) each
+            phase = self._lat_phase[None]  # (1, N_lat, R)
+            o = cpu_attention(q, k, v, None, 1.0, False, phase, phase, True)[0]  # (N_lat, H, Dh)
+        else:
+            _rotate_(qkv, self._lat_phase[:, None, :])  # Q, K and V rotated by the latent times
+            q, k, v = qkv.transpose(0, 1).split(H, dim=0)  # (H, N_lat, Dh) each
+            o = _attend(q, k, v)  # (N_lat, H, Dh)
+            _rotate_(o, self._lat_phase.conj()[:, None, :])  # rotate back by -t_lat
         o = o.flatten(1)  # (N_lat, H*Dh)
         x = x + self._linear(o, self._w[a + "o_proj.weight"], self._w[a + "o_proj.bias"])
         return x + self._ffn(x, p + "ffn.")
