@@ -97,14 +97,20 @@ def test_lse_merges_attentions_over_disjoint_keys():
     torch.testing.assert_close(merged, cpu_kernels.attention(q, k, v), rtol=0, atol=1e-6)
 
 
-def test_same_result_for_any_thread_count():
-    q, k, v = _operands(2, 3, 70, 333, 64)
+@pytest.mark.parametrize("B,H", [(2, 3), (1, 2)])
+def test_same_result_for_any_thread_count(B, H):
+    """Also across the kernel's two schedules: one task per (window, head) where there are at least
+    two per thread, keys first and then query blocks otherwise ((1, 2): the first on 1 thread, the
+    second on 2)."""
+    q, k, v = _operands(B, H, 70, 333, 64)
+    emb = mp.PoyoRotaryTimeEmbedding(64, 1e-4, 2.0)
+    q_phase, k_phase = emb(torch.rand(B, 70)), emb(torch.rand(B, 333))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.attention(q, k, v)
+        one = cpu_kernels.attention(q, k, v, query_phase=q_phase, key_phase=k_phase, rotate_value=True)
         torch.set_num_threads(2)
-        two = cpu_kernels.attention(q, k, v)
+        two = cpu_kernels.attention(q, k, v, query_phase=q_phase, key_phase=k_phase, rotate_value=True)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)

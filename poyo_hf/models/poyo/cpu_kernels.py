@@ -284,19 +284,18 @@ void attention_impl(const torch::Tensor& q, const Rows& K, const Rows& V, int64_
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2);
   const int64_t Nkp = (Nk + kNC - 1) / kNC * kNC;
   const int64_t ld = Nkp + 16;  // scratch row stride, off multiples of 4 KiB
+  const int64_t nkb = Nkp / kNC, nqb = (Nq + kQB - 1) / kQB;
   // K^T per (window, head), zero-padded to whole tiles, keys rotated on the way; V gathered and
   // rotated into a contiguous copy only where it needs either.
   const bool v_copy = (rotate_value && kph.p) || V.index;
-  auto kt = torch::empty({B * H, DH, ld}, q.options());
-  auto vc = v_copy ? torch::empty({B * H, Nk, DH}, q.options()) : torch::empty({0}, q.options());
-  float* ktp = kt.data_ptr<float>();
-  float* vcp = v_copy ? vc.data_ptr<float>() : nullptr;
-  const int64_t nkb = Nkp / kNC;
-  at::parallel_for(0, B * H * nkb, 8, [&](int64_t t0, int64_t t1) {
+
+  // Key blocks [j0, j0 + kNC) of (window, head) bh into kth (DH x ld) and, with v_copy, vch (Nk x DH).
+  auto keys = [&](int64_t bh, int64_t kb0, int64_t kb1, float* kth, float* vch) {
+    const int64_t b = bh / H, h = bh % H;
     float tmp[DH];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nkb, j0 = (t % nkb) * kNC, b = bh / H, h = bh % H;
-      float* dst = ktp + bh * DH * ld + j0;
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      const int64_t j0 = kb * kNC;
+      float* dst = kth + j0;
       for (int c = 0; c < kNC; ++c) {
         const int64_t j = j0 + c;
         if (j < Nk) {
@@ -307,7 +306,7 @@ void attention_impl(const torch::Tensor& q, const Rows& K, const Rows& V, int64_
           }
           for (int d = 0; d < DH; ++d) dst[d * ld + c] = src[d];
           if (v_copy) {
-            float* vd = vcp + (bh * Nk + j) * DH;
+            float* vd = vch + j * DH;
             if (rotate_value && kph.p) rotate_row(V.row(b, h, j), vd, kph.row(b, j), kph.P, DH);
             else std::memcpy(vd, V.row(b, h, j), DH * sizeof(float));
           }
@@ -316,59 +315,91 @@ void attention_impl(const torch::Tensor& q, const Rows& K, const Rows& V, int64_
         }
       }
     }
-  });
+  };
+
   float* op = out.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   const int64_t qsb = q.stride(0), qsh = q.stride(1), qsr = q.stride(2);
   const int64_t osb = out.stride(0), osr = out.stride(1), osh = out.stride(2);  // out (B, Nq, H, DH)
-  const int64_t nqb = (Nq + kQB - 1) / kQB;
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t rows_alloc = (kQB + kMR - 1) / kMR * kMR + PR;
-    std::unique_ptr<float[]> S(new float[rows_alloc * ld]);
+  const int64_t rows_alloc = (kQB + kMR - 1) / kMR * kMR + PR;
+
+  // Query block [i0, i0 + kQB) of (window, head) bh against kth / vch; S: rows_alloc x ld scratch.
+  auto queries = [&](int64_t bh, int64_t i0, const float* kth, const float* vch, float* S) {
+    const int64_t nr = std::min(kQB, Nq - i0), b = bh / H, h = bh % H;
     float qt[kMR * DH];
     float w[kQB + PR];
     float otmp[PR * DH];
+    for (int64_t r0 = 0; r0 < nr; r0 += kMR) {
+      for (int64_t r = 0; r < kMR; ++r) {
+        const int64_t i = i0 + r0 + r;
+        if (r0 + r >= nr) std::memset(qt + r * DH, 0, DH * sizeof(float));
+        else if (qph.p) rotate_row(qp + b * qsb + h * qsh + i * qsr, qt + r * DH, qph.row(b, i), qph.P, DH);
+        else std::memcpy(qt + r * DH, qp + b * qsb + h * qsh + i * qsr, DH * sizeof(float));
+      }
+      for (int64_t j0 = 0; j0 < Nkp; j0 += kNC) score_tile<DH>(qt, kth + j0, ld, S + r0 * ld + j0, ld, scale);
+    }
+    const float* brow = bias ? bias + b * Nk : nullptr;
+    for (int64_t r = 0; r < nr; ++r) {
+      float* sr = S + r * ld;
+      const float m = masked_max(sr, brow, Nk);
+      float* l = lse ? lse + bh * Nq + i0 + r : nullptr;
+      if (m == -std::numeric_limits<float>::infinity()) {  // no key to attend: zeros, as SDPA
+        std::memset(sr, 0, Nk * sizeof(float));
+        w[r] = 0.f;
+        if (l) *l = m;
+      } else {
+        const float sum = exp_sum(sr, Nk, m);
+        w[r] = 1.f / sum;
+        if (l) *l = m + std::log(sum);
+      }
+    }
+    const float* vh = v_copy ? vch : V.row(b, h, 0);
+    const int64_t vsr = v_copy ? DH : V.sr;
+    float* oh = op + b * osb + h * osh;
+    for (int64_t r0 = 0; r0 < nr; r0 += PR) {
+      const int64_t rows = std::min<int64_t>(PR, nr - r0);
+      if (rows == PR) {
+        value_tile<DH, PR>(S + r0 * ld, ld, vh, vsr, Nk, oh + (i0 + r0) * osr, osr, w + r0);
+      } else {  // the last rows of the block: S holds PR rows more than needed (not read back)
+        value_tile<DH, PR>(S + r0 * ld, ld, vh, vsr, Nk, otmp, DH, w + r0);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(oh + (i0 + r0 + r) * osr, otmp + r * DH, DH * sizeof(float));
+      }
+    }
+    if (rotate_value && qph.p)  // values carried t_k: rotate the output back by -t_q
+      for (int64_t r = 0; r < nr; ++r) unrotate_row_(oh + (i0 + r) * osr, qph.row(b, i0 + r), qph.P);
+  };
+
+  if (B * H >= 2 * at::get_num_threads()) {
+    // Enough (window, head) pairs to keep every thread busy: one task per pair, its keys and all
+    // its queries on one thread (one parallel region; the keys stay in that core's cache).
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+      std::unique_ptr<float[]> kth(new float[DH * ld]);
+      std::unique_ptr<float[]> vch(v_copy ? new float[Nk * DH] : nullptr);
+      std::unique_ptr<float[]> S(new float[rows_alloc * ld]);
+      for (int64_t bh = t0; bh < t1; ++bh) {
+        keys(bh, 0, nkb, kth.get(), vch.get());
+        for (int64_t qb = 0; qb < nqb; ++qb) queries(bh, qb * kQB, kth.get(), vch.get(), S.get());
+      }
+    });
+    return;
+  }
+  // Few pairs (a window's encoder: 2 heads over thousands of tokens): keys split over the threads
+  // first, then the query blocks.
+  auto kt = torch::empty({B * H, DH, ld}, q.options());
+  auto vc = v_copy ? torch::empty({B * H, Nk, DH}, q.options()) : torch::empty({0}, q.options());
+  float* ktp = kt.data_ptr<float>();
+  float* vcp = v_copy ? vc.data_ptr<float>() : nullptr;
+  at::parallel_for(0, B * H * nkb, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nqb, i0 = (t % nqb) * kQB, nr = std::min(kQB, Nq - i0), b = bh / H, h = bh % H;
-      const float* kth = ktp + bh * DH * ld;
-      for (int64_t r0 = 0; r0 < nr; r0 += kMR) {
-        for (int64_t r = 0; r < kMR; ++r) {
-          const int64_t i = i0 + r0 + r;
-          if (r0 + r >= nr) std::memset(qt + r * DH, 0, DH * sizeof(float));
-          else if (qph.p) rotate_row(qp + b * qsb + h * qsh + i * qsr, qt + r * DH, qph.row(b, i), qph.P, DH);
-          else std::memcpy(qt + r * DH, qp + b * qsb + h * qsh + i * qsr, DH * sizeof(float));
-        }
-        for (int64_t j0 = 0; j0 < Nkp; j0 += kNC) score_tile<DH>(qt, kth + j0, ld, S.get() + r0 * ld + j0, ld, scale);
-      }
-      const float* brow = bias ? bias + b * Nk : nullptr;
-      for (int64_t r = 0; r < nr; ++r) {
-        float* sr = S.get() + r * ld;
-        const float m = masked_max(sr, brow, Nk);
-        float* l = lse ? lse + bh * Nq + i0 + r : nullptr;
-        if (m == -std::numeric_limits<float>::infinity()) {  // no key to attend: zeros, as SDPA
-          std::memset(sr, 0, Nk * sizeof(float));
-          w[r] = 0.f;
-          if (l) *l = m;
-        } else {
-          const float sum = exp_sum(sr, Nk, m);
-          w[r] = 1.f / sum;
-          if (l) *l = m + std::log(sum);
-        }
-      }
-      const float* vh = v_copy ? vcp + bh * Nk * DH : V.row(b, h, 0);
-      const int64_t vsr = v_copy ? DH : V.sr;
-      float* oh = op + b * osb + h * osh;
-      for (int64_t r0 = 0; r0 < nr; r0 += PR) {
-        const int64_t rows = std::min<int64_t>(PR, nr - r0);
-        if (rows == PR) {
-          value_tile<DH, PR>(S.get() + r0 * ld, ld, vh, vsr, Nk, oh + (i0 + r0) * osr, osr, w + r0);
-        } else {  // the last rows of the block: S holds PR rows more than needed (not read back)
-          value_tile<DH, PR>(S.get() + r0 * ld, ld, vh, vsr, Nk, otmp, DH, w + r0);
-          for (int64_t r = 0; r < rows; ++r) std::memcpy(oh + (i0 + r0 + r) * osr, otmp + r * DH, DH * sizeof(float));
-        }
-      }
-      if (rotate_value && qph.p)  // values carried t_k: rotate the output back by -t_q
-        for (int64_t r = 0; r < nr; ++r) unrotate_row_(oh + (i0 + r) * osr, qph.row(b, i0 + r), qph.P);
+      const int64_t bh = t / nkb, kb = t % nkb;
+      keys(bh, kb, kb + 1, ktp + bh * DH * ld, v_copy ? vcp + bh * Nk * DH : nullptr);
+    }
+  });
+  at::parallel_for(0, B * H * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::unique_ptr<float[]> S(new float[rows_alloc * ld]);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nqb;
+      queries(bh, (t % nqb) * kQB, ktp + bh * DH * ld, v_copy ? vcp + bh * Nk * DH : nullptr, S.get());
     }
   });
 }
