@@ -36,11 +36,12 @@ gather folded in), the small-product linear kernel for every projection (<= 512 
 rotary phases; the prologue's constants (frequencies, latent-grid phases, target statistics) are
 kept between calls. Measured (session 9, bench model, 300 batch-1 calls each): ours/ref
 0.65 with the fused attention alone, 0.59 with rotations and gather folded in, 0.52 with the
-prologue kept, then 0.43-0.49 in five runs with the small-product kernel and the phase loop
-(ours 5.25-6.25 ms, reference 10.8-14.4 ms, floor 3.0-3.2 ms); in interleaved A/B runs the
-small-product kernel alone took the forward from 5.2-5.4 to 4.6-4.7 ms. The ``floor`` row times
-the same kernels alone (:func:`matmul_floor`), now 0.22-0.28x the reference: the rest of ours is
-norms, GEGLU, residual adds and Python, ~2 ms.
+prologue kept, 0.43-0.49 in eight runs with the small-product kernel and the phase loop, then
+0.42-0.47 in three runs with one attention task per (window, head) (ours 5.1-6.5 ms, reference
+11.0-15.1 ms, floor 2.9-3.3 ms; the reference's time swings with this shared VM's phases, ours
+with it). In interleaved A/B runs the small-product kernel alone took the forward from 5.2-5.4
+to 4.6-4.7 ms. The ``floor`` row times the same kernels alone (:func:`matmul_floor`), now
+0.21-0.27x the reference: the rest of ours is norms, GEGLU, residual adds and Python, ~2 ms.
 Measured and not adopted: bf16 autocast (no faster on this CPU: 12.7 vs 12.1 ms fp32, session 8);
 ``torch.compile`` of the model with the fused attention registered as a custom op (15 s to compile,
 4 graph breaks in the prologue; 5.86 vs 6.30 ms eager, 0.93x: the time is in the kernels);
