@@ -36,7 +36,7 @@ gather folded in), the small-product linear kernel for every projection (<= 512 
 rotary phases; the prologue's constants (frequencies, latent-grid phases, target statistics) are
 kept between calls. Measured (session 9, bench model, 300 batch-1 calls each): ours/ref
 0.65 with the fused attention alone, 0.59 with rotations and gather folded in, 0.52 with the
-prologue kept, 0.43-0.49 in eight runs with the small-product kernel and the phase loop, then
+prologue kept, 0.43-0.50 in ten runs with the small-product kernel and the phase loop, then
 0.42-0.47 in three runs with one attention task per (window, head) (ours 5.1-6.5 ms, reference
 11.0-15.1 ms, floor 2.9-3.3 ms; the reference's time swings with this shared VM's phases, ours
 with it). In interleaved A/B runs the small-product kernel alone took the forward from 5.2-5.4
