@@ -35,6 +35,7 @@ the other half is left as is. A pair rotates as ``(x0, x1) -> (x0 cos - x1 sin, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -58,8 +59,6 @@ from .cpu_kernels import _attention as cpu_attention
 def _kept_tensors():
     """Context for tensors a module keeps between calls: made outside inference mode (an inference
     tensor cannot be saved for backward by a later training forward) and without autograd history."""
-    import contextlib
-
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.no_grad())
