@@ -35,7 +35,6 @@ the other half is left as is. A pair rotates as ``(x0, x1) -> (x0 cos - x1 sin, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -56,13 +55,19 @@ from .cpu_kernels import _attention as cpu_attention
 # ----------------------------------------------------------------------------------------
 
 
-def _kept_tensors():
-    """Context for tensors a module keeps between calls: made outside inference mode (an inference
-    tensor cannot be saved for backward by a later training forward) and without autograd history."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
+def _kept(module: nn.Module, name: str, key: tuple, make):
+    """``make()``, kept on ``module`` (a plain attribute: no state dict, no buffer, no meta-device
+    init) and returned again while ``key`` stays the same. Made outside inference mode (an
+    inference tensor cannot be saved for backward by a later training forward) and without
+    autograd history."""
+    cached = module.__dict__.get(name)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.inference_mode(False), torch.no_grad():
+        value = make()
+    if not torch.compiler.is_compiling():
+        module.__dict__[name] = (key, value)
+    return value
 
 
 def rotary_frequencies(
@@ -103,14 +108,7 @@ class PoyoRotaryTimeEmbedding(nn.Module):
         """:func:`rotary_frequencies` for this embedding on ``device``, kept from the last call (a
         plain attribute, not a buffer: made at forward time, never by meta-device init)."""
         key = (device, self.head_dim, self.t_min, self.t_max)
-        cached = self.__dict__.get("_omega")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with _kept_tensors():
-            omega = rotary_frequencies(self.head_dim, self.t_min, self.t_max, device)
-        if not torch.compiler.is_compiling():
-            self.__dict__["_omega"] = (key, omega)
-        return omega
+        return _kept(self, "_omega", key, lambda: rotary_frequencies(self.head_dim, self.t_min, self.t_max, device))
 
     def forward(self, timestamps: torch.Tensor) -> torch.Tensor:
         """timestamps (...) -> complex64 phases (..., head_dim // 4), one per rotating pair."""
@@ -739,15 +737,12 @@ class PoyoModel(PoyoPreTrainedModel):
         last call: they depend on the config's grid and rotary periods only, not on weights or inputs."""
         c = self.config
         key = (device, c.num_latent_steps, c.num_latents_per_step, c.latent_step, c.head_dim, c.rotary_t_min, c.rotary_t_max)
-        cached = self.__dict__.get("_grid_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with _kept_tensors():
+
+        def make():
             index, times = self.latent_grid(device)
-            value = (index, self.rotary_emb(times))
-        if not torch.compiler.is_compiling():
-            self.__dict__["_grid_cache"] = (key, value)
-        return value
+            return index, self.rotary_emb(times)
+
+        return _kept(self, "_grid_cache", key, make)
 
     def _check_indices(self, name: str, index: torch.Tensor, table: nn.Embedding, how: str) -> None:
         if index.numel() and (int(index.max()) >= table.num_embeddings or int(index.min()) < 0):
@@ -897,20 +892,17 @@ class PoyoForDecoding(PoyoPreTrainedModel):
             device, dtype,
             tuple((name, d, tuple(c.target_mean[name]), tuple(c.target_std[name])) for name, d in c.readout_dims.items()),
         )
-        cached = self.__dict__.get("_target_stats_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with _kept_tensors():
+
+        def make():
             mean = torch.zeros(len(c.readout_dims), c.max_output_dim, dtype=dtype)
             std = torch.ones(len(c.readout_dims), c.max_output_dim, dtype=dtype)
             for r, name in enumerate(c.readout_dims):
                 d = c.readout_dims[name]
                 mean[r, :d] = torch.tensor(c.target_mean[name], dtype=dtype)
                 std[r, :d] = torch.tensor(c.target_std[name], dtype=dtype)
-            stats = (mean.to(device), std.to(device))
-        if not torch.compiler.is_compiling():
-            self.__dict__["_target_stats_cache"] = (key, stats)
-        return stats
+            return mean.to(device), std.to(device)
+
+        return _kept(self, "_target_stats_cache", key, make)
 
     def _readout(self, hidden: torch.Tensor, readout_index: torch.Tensor | None) -> torch.Tensor:
         """hidden (B, N_out, D) -> normalised predictions (B, N_out, Do_max)."""
