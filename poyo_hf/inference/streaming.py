@@ -100,7 +100,7 @@ import torch.nn.functional as F
 
 from ..models.poyo.cpu_kernels import (
     SMALL_LINEAR_MAX_ROWS,
-    attention_supported,
+    attention_available,
     pack_small,
     pack_weight,
     packed_linear,
@@ -336,10 +336,8 @@ class PoyoStreamingDecoder:
                 self._packed[id(w)] = ("onednn", pack_weight(w, rows))
 
         # The fused CPU attention kernel (cpu_kernels.attention) where it applies: float32 CPU,
-        # a supported head dim, the kernels built. Checked once, on operands of this decoder's shape.
-        probe = torch.empty(1, 1, 1, self.Dh, device=dev)
-        with torch.inference_mode():
-            self._fused = attention_supported(probe, probe, probe)
+        # a supported head dim, the kernels built. Checked once, here.
+        self._fused = attention_available(self._latents0, self.Dh)
 
         # Readout head and target statistics (physical units).
         self._head = f"readouts.{self.readout}."

@@ -614,10 +614,11 @@ std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor k, t
     TORCH_CHECK(kv_index.scalar_type() == torch::kLong && kv_index.is_contiguous() && kv_index.dim() == 2 &&
                 kv_index.size(0) == B, "attention_forward: kv_index (B, Nk) int64 expected");
     index = kv_index.data_ptr<int64_t>();
-    if (kv_index.numel()) {
+    if (kv_index.numel()) {  // the one range check (rows are read unchecked below): ValueError in Python
       const auto mm = torch::aminmax(kv_index);
-      TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < k.size(2),
-                  "attention_forward: kv_index out of the table's rows");
+      const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi < k.size(2), "kv_index holds rows in [", lo, ", ", hi,
+                        "] but the key/value tables have ", k.size(2), " rows.");
     }
   }
   const float* bias = nullptr;
@@ -719,6 +720,19 @@ def draw_seed(generator: torch.Generator | None = None) -> int:
 # vs 2.7 ms. Forward only (no autograd): callers use it where no gradient is taken.
 
 
+def attention_available(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether the fused attention can take a layer's work on tensors like ``x``: float32 CPU, a
+    head dim it is built for (``ATTENTION_HEAD_DIMS``), not while ``torch.compile`` traces, the
+    kernels built. :func:`attention_supported` checks given operands on top of this."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and head_dim in ATTENTION_HEAD_DIMS
+        and not torch.compiler.is_compiling()
+        and kernels() is not None
+    )
+
+
 def attention_supported(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -742,16 +756,14 @@ def attention_supported(
         return False
     tensors = (query, key, value)
     return (
-        Dh in ATTENTION_HEAD_DIMS
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
         and key.shape[:2] == value.shape[:2] == (kv_batch, H)
         and key.shape[2] == value.shape[2]
         and key.shape[3] == value.shape[3] == Dh
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
         and (key_mask is None or (key_mask.dtype == torch.bool and key_mask.numel() == B * n_keys
                                   and key_mask.shape[0] == B and key_mask.shape[-1] == n_keys))
-        and not torch.compiler.is_compiling()
-        and kernels() is not None
+        and attention_available(query, Dh)
     )
 
 
@@ -803,10 +815,6 @@ def attention(
             )
     if rotate_value and (query_phase is None or key_phase is None):
         raise ValueError("rotate_value=True needs both query_phase and key_phase.")
-    if kv_index is not None and kv_index.numel():
-        lo, hi = (int(x) for x in torch.aminmax(kv_index))
-        if lo < 0 or hi >= key.shape[2]:
-            raise ValueError(f"kv_index holds rows in [{lo}, {hi}] but the key/value tables have {key.shape[2]} rows.")
     return _attention(query, key, value, key_mask, scale, return_lse, query_phase, key_phase, rotate_value, kv_index)
 
 
@@ -1108,6 +1116,6 @@ class PoyoLinear(nn.Linear):
 
 
 __all__ = [
-    "kernels", "attention", "attention_supported", "ATTENTION_HEAD_DIMS", "draw_seed", "linear", "PoyoLinear", "onednn_linear_enabled", "use_onednn", "pack_weight",
+    "kernels", "attention", "attention_available", "attention_supported", "ATTENTION_HEAD_DIMS", "draw_seed", "linear", "PoyoLinear", "onednn_linear_enabled", "use_onednn", "pack_weight",
     "packed_linear", "ONEDNN_MIN_MACS", "use_small_linear", "pack_small", "small_linear", "SMALL_LINEAR_MAX_ROWS", "rotary_phases",
 ]

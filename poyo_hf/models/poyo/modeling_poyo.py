@@ -47,7 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_poyo import PoyoConfig
-from .cpu_kernels import ATTENTION_HEAD_DIMS, PoyoLinear, draw_seed, kernels, rotary_phases
+from .cpu_kernels import PoyoLinear, attention_available, draw_seed, kernels, rotary_phases
 from .cpu_kernels import _attention as cpu_attention
 
 # ----------------------------------------------------------------------------------------
@@ -306,18 +306,6 @@ def distinct_rows(codes: torch.Tensor, n_codes: int) -> tuple[torch.Tensor, torc
     return present.nonzero().squeeze(1), rank[codes]
 
 
-def fused_inference_available(x: torch.Tensor, head_dim: int) -> bool:
-    """Whether the fused CPU attention kernel can take this layer's work: float32 CPU activations,
-    a head dim it is built for, the kernels built, not while ``torch.compile`` traces."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and head_dim in ATTENTION_HEAD_DIMS
-        and not torch.compiler.is_compiling()
-        and kernels() is not None
-    )
-
-
 class PoyoRotaryAttention(nn.Module):
     """Pre-norm multi-head (cross- or self-) attention with rotary time embeddings.
 
@@ -379,7 +367,7 @@ class PoyoRotaryAttention(nn.Module):
             attn_implementation == "sdpa"
             and not torch.is_grad_enabled()
             and (not self.training or self.dropout == 0.0)
-            and fused_inference_available(x, self.head_dim)
+            and attention_available(x, self.head_dim)
         )
 
     def _fused_forward(self, x, query_phase, context, context_phase, context_mask, context_index) -> torch.Tensor:
@@ -795,7 +783,7 @@ class PoyoModel(PoyoPreTrainedModel):
         # Phases padded to whole heads once here, reused by every layer (see pad_phase); the fused
         # inference kernel rotates only the rotating pairs and takes them unpadded.
         Dh = self.config.head_dim
-        fused = impl == "sdpa" and not torch.is_grad_enabled() and fused_inference_available(inputs, Dh)
+        fused = impl == "sdpa" and not torch.is_grad_enabled() and attention_available(inputs, Dh)
 
         def phases(times: torch.Tensor) -> torch.Tensor:
             phase = self.rotary_emb(times)  # (..., Dh/4) complex
