@@ -849,7 +849,8 @@ def _attention(
 # * Inference (no gradient): :class:`PoyoLinear` multiplies by a copy of its weight reordered
 #   once into oneDNN's blocked layout (:func:`pack_weight`; refreshed when the weight changes).
 #   Unpacked, oneDNN was no faster at batch 1 (128 latent rows); packed, the batch-1 forward took
-#   ~5% less time and a streaming step 7-13% less at p50 (interleaved A/B).
+#   ~5% less time and a streaming step 7-13% less at p50 (interleaved A/B). Products of up to
+#   ``SMALL_LINEAR_MAX_ROWS`` rows now take :func:`small_linear` instead where the kernels are built.
 # * Only products of at least ``ONEDNN_MIN_MACS`` multiply-adds: a oneDNN call costs ~20 us more
 #   than MKL's for tiny ones (100 x 64 -> 2: 21 vs 6 us; 128 x 256 -> 64, 2.1M MACs: even;
 #   300 x 64 -> 256, 4.9M: 36 vs 58 us).
